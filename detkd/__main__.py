@@ -1,0 +1,3 @@
+from detkd.cli import main
+
+raise SystemExit(main())
