@@ -1,0 +1,46 @@
+"""Attention maps and box masks shared by several methods (FGD, structured KD, GKD-BMFI)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def spatial_attention(feature: Tensor, temperature: float) -> Tensor:
+    """H*W * softmax over positions of mean_C |F| / T  ->  [N, H, W], mean weight 1."""
+    n, _, h, w = feature.shape
+    a = feature.abs().mean(dim=1).reshape(n, -1)
+    return (h * w * torch.softmax(a / temperature, dim=1)).reshape(n, h, w)
+
+
+def channel_attention(feature: Tensor, temperature: float) -> Tensor:
+    """C * softmax over channels of mean_HW |F| / T  ->  [N, C], mean weight 1."""
+    c = feature.shape[1]
+    a = feature.abs().mean(dim=(2, 3))
+    return c * torch.softmax(a / temperature, dim=1)
+
+
+def boxes_on_level(boxes: Tensor, stride: int) -> Tensor:
+    """Project xyxy canvas-pixel boxes onto a level of the given stride (float cells).
+
+    Padding is bottom/right, so cell (y, x) covers pixels [stride*y, stride*(y+1)): divide
+    by the stride, never by the image size (the FGD/GKD padded-width pitfall).
+    """
+    return boxes.to(torch.float32) / float(stride)
+
+
+def box_cell_ranges(boxes: Tensor, stride: int, height: int, width: int) -> Tensor:
+    """Integer cell ranges [x0, y0, x1, y1) each box covers on a level (at least one cell)."""
+    b = boxes_on_level(boxes, stride)
+    x0 = b[:, 0].floor().clamp(0, width - 1)
+    y0 = b[:, 1].floor().clamp(0, height - 1)
+    x1 = torch.maximum(b[:, 2].ceil().clamp(max=width), x0 + 1)
+    y1 = torch.maximum(b[:, 3].ceil().clamp(max=height), y0 + 1)
+    return torch.stack([x0, y0, x1, y1], dim=1).to(torch.int64)
+
+
+def valid_cell_mask(image_sizes: list[tuple[int, int]], stride: int, height: int, width: int, device=None) -> Tensor:
+    """[N, H, W] bool: cells whose top-left pixel lies inside the unpadded image."""
+    ys = torch.arange(height, device=device)[:, None] * stride
+    xs = torch.arange(width, device=device)[None, :] * stride
+    return torch.stack([(ys < h) & (xs < w) for h, w in image_sizes])
