@@ -1,0 +1,5 @@
+"""Subcommands: each module has ``add_parser(subparsers)`` that sets ``func``."""
+
+from detkd.commands import data, distill, train
+
+COMMANDS = [data, train, distill]

@@ -1,0 +1,82 @@
+"""``detkd distill RECIPE method=NAME teacher=PATH [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+
+def _epilog() -> str:
+    from detkd.distill.base import describe_methods
+
+    lines = ["methods:"]
+    lines += [f"  {name:<12} {desc}" for name, desc in describe_methods()]
+    lines += [
+        "",
+        "shorthands: method=NAME[:WEIGHT][+NAME[:WEIGHT]...]  teacher=CHECKPOINT_OR_STORE_DIR  inherit=true",
+        "            args.NAME.KEY=VALUE sets a method keyword argument (e.g. args.ssim.window_size=7)",
+        "examples:",
+        "  detkd distill configs/shapes_student.yaml method=fitnet teacher=runs/teacher/best.pt",
+        "  detkd distill configs/shapes_student.yaml method=fitnet teacher=stores/teacher   # no teacher forward",
+    ]
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train a student with a teacher checkpoint (online) or a knowledge store (stored)",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(__doc__ or ""),
+    )
+    p.add_argument("recipe", help="student recipe YAML")
+    p.add_argument("overrides", nargs="*", help="method=..., teacher=..., or dotted key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_distill)
+
+
+def expand_shorthands(items: list[str]) -> list[str]:
+    """Turn method=/teacher=/inherit=/args.M.K= into recipe overrides."""
+    from detkd.config import ConfigError
+
+    out, methods, args = [], [], {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key == "method":
+            for part in value.split("+"):
+                name, _, weight = part.partition(":")
+                methods.append({"name": name.strip(), "weight": float(weight) if weight else 1.0})
+        elif key in ("teacher", "inherit", "levels"):
+            out.append(f"distill.{key}={value}")
+        elif key.startswith("args."):
+            parts = key.split(".")
+            if len(parts) != 3:
+                raise ConfigError(f"{item!r}: method arguments are args.METHOD.KEY=VALUE")
+            args.setdefault(parts[1], []).append((parts[2], value))
+        else:
+            out.append(item)
+    if methods:
+        import yaml
+
+        for m in methods:
+            m["args"] = {k: yaml.safe_load(v) for k, v in args.pop(m["name"], [])}
+        if args:
+            raise ConfigError(f"arguments given for methods not selected: {sorted(args)}")
+        out.append("distill.methods=" + yaml.safe_dump(methods, default_flow_style=True).strip())
+    elif args:
+        raise ConfigError("args.METHOD.KEY=VALUE needs method=METHOD on the same command line")
+    return out
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from detkd.commands.train import print_summary
+    from detkd.config import load_recipe
+    from detkd.distill.run import distill
+
+    recipe = load_recipe(args.recipe, expand_shorthands(args.overrides))
+    metrics = distill(recipe, resume=args.resume, progress=not args.no_progress)
+    print_summary(metrics, recipe.train.out)
+    print(f"stored teacher: {metrics.get('stored')}  inheriting init: {metrics.get('inherit')}")
+    return 0

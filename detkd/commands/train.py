@@ -1,0 +1,78 @@
+"""``detkd train`` and ``detkd eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a detector from a YAML recipe")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.02")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="COCO-style evaluation of a checkpoint")
+    e.add_argument("--checkpoint", required=True, help="detector checkpoint (.pt)")
+    e.add_argument("--data", required=True, help="data set directory or annotation file")
+    e.add_argument("--format", default=None, help="data format (default: detect)")
+    e.add_argument("--split", default="val")
+    e.add_argument("--size", type=int, default=None, help="evaluation scale (default: the checkpoint's)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", default=None, help="write the metrics here (default: next to the checkpoint)")
+    e.set_defaults(func=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from detkd.config import load_recipe
+    from detkd.runner import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    metrics = train(recipe, resume=args.resume, progress=not args.no_progress)
+    print_summary(metrics, recipe.train.out)
+    return 0
+
+
+def print_summary(metrics: dict, out: str) -> None:
+    keys = ("AP", "AP50", "AP75", "voc_map50")
+    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+    print(f"done: {shown}  (run directory: {out})")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from detkd.data.formats.detect import open_source
+    from detkd.data.loader import ViewedDataset, build_loader
+    from detkd.data.views import ViewPolicy
+    from detkd.engine.evaluate import format_table
+    from detkd.engine.inference import evaluate
+    from detkd.errors import DetkdError
+    from detkd.models.checkpoint import load_detector
+    from detkd.runner import resolve_device
+
+    detector, payload = load_detector(args.checkpoint)
+    source = open_source(args.data, format=args.format, split=args.split)
+    names = payload.get("class_names")
+    if names and names != source.class_names:
+        raise DetkdError(f"{args.data}: classes {source.class_names} differ from the checkpoint's {names}")
+    size = args.size or _checkpoint_size(payload)
+    policy = ViewPolicy(sizes=(size,), flip_prob=0.0)
+    loader = build_loader(ViewedDataset(source, policy, train=False), batch_size=args.batch_size, shuffle=False,
+                          workers=args.workers)
+    device = resolve_device(args.device)
+    result = evaluate(detector.to(device), loader, source, device=device)
+    print(format_table(result))
+    out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
+    out.write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def _checkpoint_size(payload: dict) -> int:
+    recipe = (payload.get("run") or {}).get("recipe") or {}
+    sizes = (recipe.get("data") or {}).get("sizes")
+    return max(sizes) if sizes else 128

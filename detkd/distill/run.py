@@ -1,0 +1,141 @@
+"""Recipe -> distillation run: teacher source, methods, guards, trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from detkd.config import Recipe
+from detkd.data.loader import ViewedDataset, build_loader
+from detkd.distill.inherit import inherit_neck_and_heads
+from detkd.distill.task import DistillationTask, build_method, common_levels
+from detkd.distill.teacher import OnlineTeacher, StoredTeacher
+from detkd.engine.inference import evaluate
+from detkd.errors import ConfigError, DetkdError
+from detkd.models.checkpoint import file_sha256, load_detector
+from detkd.runner import (
+    build_student,
+    distributed_context,
+    load_data,
+    make_loaders,
+    make_trainer,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+
+def is_store(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    cfg = recipe.distill
+    if not cfg.teacher:
+        raise ConfigError("distill.teacher is not set: give a teacher checkpoint or a store directory (teacher=PATH)")
+    if not cfg.methods:
+        raise ConfigError("no distillation method given: method=NAME (see `detkd distill --help`)")
+    rank, world, local = distributed_context()
+    seed_everything(recipe.train.seed)
+    bundle = load_data(recipe)
+    device = resolve_device(recipe.train.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+    student = build_student(recipe, bundle.train_source.num_classes)
+    run_info: dict = {"kind": "distill", "teacher": str(cfg.teacher), "methods": [m.model_dump() for m in cfg.methods]}
+
+    train_dataset = None
+    if is_store(cfg.teacher):
+        from detkd.store.reader import StoreReader
+
+        reader = StoreReader(cfg.teacher)
+        reader.manifest.check_compatible_run(
+            dataset_fingerprint=bundle.train_source.fingerprint(), detector=student, policy=bundle.policy
+        )
+        teacher = StoredTeacher(reader)
+        train_dataset = ViewedDataset(
+            bundle.train_source,
+            bundle.policy,
+            train=True,
+            seed=recipe.train.seed,
+            view_provider=reader.view_provider(),
+            knowledge_provider=reader.read,
+        )
+        if cfg.inherit:
+            raise ConfigError("distill.inherit needs the teacher's weights; it cannot be used with a store")
+        run_info.update(
+            stored=True,
+            teacher_hash=reader.manifest.teacher_hash,
+            inherit=False,
+            teacher_ap=reader.manifest.extra.get("teacher_ap"),
+        )
+    else:
+        teacher_det, payload = load_detector(cfg.teacher, spec=cfg.teacher_model)
+        names = payload.get("class_names")
+        if names and names != bundle.train_source.class_names:
+            raise DetkdError(
+                f"{cfg.teacher}: teacher classes {names} differ from the data's {bundle.train_source.class_names}"
+            )
+        teacher = OnlineTeacher(teacher_det).to(device)
+        run_info.update(stored=False, teacher_hash=file_sha256(cfg.teacher), inherit=cfg.inherit)
+        if cfg.inherit:
+            run_info["inherit_counts"] = inherit_neck_and_heads(student, teacher_det)
+        if cfg.check_teacher and rank == 0:
+            run_info["teacher_ap"] = check_teacher(teacher_det, bundle, recipe, device)
+
+    levels = common_levels(student, teacher, cfg.levels)
+    methods, weights = {}, {}
+    for m in cfg.methods:
+        if m.name in methods:
+            raise ConfigError(f"method {m.name!r} is listed twice")
+        methods[m.name] = build_method(m.name, levels=levels, args=m.args)
+        weights[m.name] = m.weight
+    if isinstance(teacher, StoredTeacher):
+        teacher.reader.check_methods(methods)
+    task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
+    if rank == 0:
+        prepare_run_dir(recipe, resume=resume)
+    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, train_dataset=train_dataset)
+    run_info["levels"] = list(levels)
+    run_info["recipe"] = recipe.model_dump(mode="json")
+    trainer = make_trainer(
+        task, recipe, bundle, loaders, device=device, rank=rank, world_size=world, run_info=run_info, progress=progress
+    )
+    if resume:
+        trainer.resume()
+    metrics = trainer.fit(stop_after=stop_after)
+    metrics["inherit"] = run_info.get("inherit")
+    metrics["stored"] = run_info.get("stored")
+    return metrics
+
+
+def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
+    """Evaluate the teacher on the validation split and warn loudly when it is weak."""
+    cfg = recipe.distill
+    loader = build_loader(
+        ViewedDataset(bundle.val_source, bundle.policy, train=False),
+        batch_size=recipe.data.batch_size,
+        shuffle=False,
+        workers=recipe.data.workers,
+    )
+    result = evaluate(teacher, loader, bundle.val_source, device=device, progress=False)
+    log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, result.AP, result.AP50)
+    if result.AP < 0.05:
+        log.warning(
+            "!!! the teacher's AP is %.4f: is it trained, and is this the right checkpoint? Distilling from "
+            "it will not help the student.",
+            result.AP,
+        )
+    if cfg.expected_student_ap is not None and result.AP < cfg.expected_student_ap + cfg.min_teacher_gain:
+        log.warning(
+            "!!! teacher AP %.4f is not clearly better than the student's expected %.4f (+%.3f): "
+            "distillation is unlikely to help",
+            result.AP,
+            cfg.expected_student_ap,
+            cfg.min_teacher_gain,
+        )
+    return result.AP

@@ -1,0 +1,138 @@
+"""DistillationTask: student + methods (with their adapters) as one trainable module.
+
+Guards against silently wrong distillation: level/shape checks at the first step, per-term
+magnitudes logged for the first steps, and a stop when a distillation loss is NaN, never
+computed, or exactly zero for several steps in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from detkd.data.loader import Batch
+from detkd.distill.base import METHODS, DistillContext, DistillMethod, LevelSpec, TeacherKnowledge
+from detkd.distill.teacher import TeacherSource
+from detkd.errors import ConfigError, DetkdError
+from detkd.models.detector import Detector
+
+log = logging.getLogger(__name__)
+
+LOG_FIRST_STEPS = (1, 2, 5, 10, 50)
+ZERO_PATIENCE = 20  # consecutive steps of an exactly-zero distillation loss before the run stops
+
+
+def common_levels(student: Detector, teacher: TeacherSource, wanted: list[str] | None = None) -> dict[str, LevelSpec]:
+    """Levels both sides have at the same stride (optionally restricted to ``wanted``)."""
+    shared = [lvl for lvl in student.levels if lvl in teacher.strides]
+    if wanted is not None:
+        missing = [lvl for lvl in wanted if lvl not in shared]
+        if missing:
+            raise ConfigError(
+                f"distill.levels: {missing} not shared by student {student.levels} and teacher {teacher.levels}"
+            )
+        shared = list(wanted)
+    if not shared:
+        raise ConfigError(
+            f"student levels {student.levels} and teacher levels {teacher.levels} have none in common; "
+            "choose families whose FPN levels overlap (e.g. RetinaNet/FCOS p3-p7 with Faster R-CNN p3-p6)"
+        )
+    for lvl in shared:
+        if student.strides[lvl] != teacher.strides[lvl]:
+            raise ConfigError(f"level {lvl}: student stride {student.strides[lvl]} != teacher {teacher.strides[lvl]}")
+    return {lvl: LevelSpec(student.channels[lvl], teacher.channels[lvl], student.strides[lvl]) for lvl in shared}
+
+
+def build_method(name: str, *, levels: dict[str, LevelSpec], args: dict) -> DistillMethod:
+    try:
+        cls = METHODS.get(name)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    try:
+        return cls(levels=levels, **args)
+    except TypeError as exc:
+        raise ConfigError(f"method {name!r}: {exc}") from None
+
+
+class DistillationTask(nn.Module):
+    def __init__(
+        self,
+        student: Detector,
+        *,
+        methods: dict[str, DistillMethod],
+        weights: dict[str, float],
+        teacher: TeacherSource,
+        levels: list[str],
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.methods = nn.ModuleDict(methods)
+        self.weights = dict(weights)
+        self.levels = list(levels)
+        self.__dict__["teacher"] = teacher  # not a submodule: outside DDP, the optimiser and state_dict
+        self.needs = frozenset().union(*(m.needs for m in methods.values()))
+        self.step = 0
+        self.zero_steps = 0
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        self.step += 1
+        det_losses, feats = self.student.forward_tap(batch.images, batch.image_sizes, batch.targets)
+        knowledge = self.teacher.knowledge(batch, self.needs)
+        if self.step == 1:
+            check_shapes(feats, knowledge, self.levels)
+        student_feats = {lvl: feats[lvl] for lvl in self.levels}
+        ctx = DistillContext(targets=batch.targets, image_sizes=batch.image_sizes, step=self.step)
+        kd: dict[str, Tensor] = {}
+        for name, method in self.methods.items():
+            terms = method(student_feats, knowledge, ctx)
+            if not terms:
+                raise DetkdError(f"method {name!r} returned no loss terms: nothing would be distilled")
+            w = self.weights.get(name, 1.0)
+            kd.update({k: w * v for k, v in terms.items()})
+        self._guard(kd, det_losses)
+        return {**det_losses, **kd}
+
+    def _guard(self, kd: dict[str, Tensor], det: dict[str, Tensor]) -> None:
+        values = {k: v.detach().float() for k, v in kd.items()}
+        bad = [k for k, v in values.items() if not torch.isfinite(v)]
+        if bad:
+            raise DetkdError(f"step {self.step}: distillation loss {bad} is not finite; lower its weight or the lr")
+        total = sum(values.values())
+        self.zero_steps = self.zero_steps + 1 if float(total) == 0.0 else 0
+        if self.zero_steps >= ZERO_PATIENCE:
+            raise DetkdError(
+                f"distillation loss has been exactly 0 for {self.zero_steps} steps: the teacher's knowledge does "
+                "not reach the student (check the teacher checkpoint, the levels, and the method weights)"
+            )
+        if self.step in LOG_FIRST_STEPS:
+            det_total = float(sum(v.detach() for v in det.values()))
+            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+            log.info("step %d: detection loss %.4g; distillation terms: %s", self.step, det_total, shown)
+
+    def extra_state(self) -> dict:
+        return {"methods": self.methods.state_dict(), "step": self.step}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.methods.load_state_dict(state["methods"])
+        self.step = state.get("step", 0)
+
+
+def check_shapes(student: dict[str, Tensor], knowledge: TeacherKnowledge, levels: list[str]) -> None:
+    """Refuse mismatched levels before anything is learned from them."""
+    if knowledge.features is None and knowledge.cells is None:
+        raise DetkdError("teacher provided neither features nor cells")
+    for lvl in levels:
+        s = student[lvl]
+        if knowledge.features is not None:
+            if lvl not in knowledge.features:
+                raise DetkdError(f"teacher has no features for level {lvl} (has {sorted(knowledge.features)})")
+            t = knowledge.features[lvl]
+            if t.shape[0] != s.shape[0] or t.shape[-2:] != s.shape[-2:]:
+                raise DetkdError(
+                    f"level {lvl}: teacher features {tuple(t.shape)} do not align with student {tuple(s.shape)} "
+                    "(same batch, same spatial size needed: same canvas and stride)"
+                )
+        elif lvl not in knowledge.cells:
+            raise DetkdError(f"teacher store has no cells for level {lvl} (has {sorted(knowledge.cells)})")

@@ -1,0 +1,115 @@
+"""Teacher sources: a live teacher model or a knowledge store, behind one interface.
+
+``knowledge(batch, needs)`` returns TeacherKnowledge; methods never know which source
+they got. Neither source is an nn.Module of the trainable task: the teacher stays outside
+DDP and the optimiser.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from detkd.data.loader import Batch
+from detkd.distill.base import TeacherKnowledge
+from detkd.models.detector import Detector
+
+
+class TeacherSource(Protocol):
+    levels: list[str]
+    strides: dict[str, int]
+    channels: dict[str, int]
+
+    def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge: ...
+
+
+class OnlineTeacher:
+    """A frozen detector in eval mode, run on the student's exact batch."""
+
+    def __init__(self, detector: Detector, *, importance_mode: dict | None = None) -> None:
+        self.detector = detector.eval()
+        self.detector.requires_grad_(False)
+        self.levels = detector.levels
+        self.strides = dict(detector.strides)
+        self.channels = dict(detector.channels)
+        self.importance_mode = dict(importance_mode or {})
+
+    def to(self, device: torch.device | str) -> OnlineTeacher:
+        self.detector.to(device)
+        return self
+
+    def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge:
+        self.detector.eval()  # never let a task.train() call switch BN to batch statistics
+        if "importance" in needs:
+            return self._with_importance(batch)
+        with torch.no_grad():
+            feats = self.detector.features(batch.images, batch.image_sizes)
+        return TeacherKnowledge(features=dict(feats))
+
+    def _with_importance(self, batch: Batch) -> TeacherKnowledge:
+        """Backpropagate the teacher's own detection loss to its FPN features (GKD), params frozen."""
+        from detkd.distill.gkd import importance_maps
+
+        maps, channel = teacher_importance(
+            self.detector,
+            batch.images,
+            batch.image_sizes,
+            batch.targets,
+            importance_maps=importance_maps,
+            **self.importance_mode,
+        )
+        return TeacherKnowledge(features=maps.pop("_features"), importance=maps, channel_importance=channel)
+
+
+def teacher_importance(detector: Detector, images: Tensor, image_sizes, targets, *, importance_maps, **mode):
+    """Returns ({level: importance [B,1,H,W], "_features": {level: features}}, {level: channel weights})."""
+    with torch.no_grad():
+        raw = detector.backbone_features(images, image_sizes)
+    leaves = OrderedDict((k, v.detach().requires_grad_(True)) for k, v in raw.items())
+    m = detector.model
+    heads = [mod for mod in (getattr(m, "rpn", None), getattr(m, "roi_heads", None)) if mod is not None]
+    # Faster R-CNN computes losses only in training mode; its RPN/RoI heads have no BN or dropout.
+    for mod in heads:
+        mod.train()
+    try:
+        with torch.enable_grad():
+            losses = detector.losses_from_features(leaves, images, image_sizes, targets)
+            total = sum(losses.values())
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    finally:
+        for mod in heads:
+            mod.eval()
+    named = detector.name_features(OrderedDict((k, v.detach()) for k, v in leaves.items()))
+    named_grads = detector.name_features(
+        OrderedDict(
+            (k, torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), grads, strict=True)
+        )
+    )
+    spatial, channel = importance_maps(dict(named), dict(named_grads), **mode)
+    out = dict(spatial)
+    out["_features"] = dict(named)
+    return out, channel
+
+
+class StoredTeacher:
+    """Knowledge read from a store by the data loader workers; no teacher model at all."""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+        m = reader.manifest
+        self.levels = list(m.levels)
+        self.strides = dict(m.strides)
+        self.channels = dict(m.channels)
+
+    def to(self, device: torch.device | str) -> StoredTeacher:
+        return self
+
+    def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge:
+        if batch.knowledge is None:
+            raise RuntimeError("batch carries no stored knowledge: the dataset has no knowledge provider")
+        canvas = batch.images.shape[-2:]
+        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}  # conv output sizes round up
+        return self.reader.to_knowledge(batch.knowledge, feature_sizes=sizes, device=batch.images.device)

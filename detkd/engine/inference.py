@@ -1,0 +1,37 @@
+"""Run a detector over a loader and score it against the source's ground truth."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from detkd.data.formats.base import DetectionSource
+from detkd.data.views import boxes_to_original
+from detkd.engine.evaluate import DetectionEvaluator, EvalResult
+from detkd.models.detector import Detector
+
+
+@torch.no_grad()
+def evaluate(
+    detector: Detector,
+    loader: DataLoader,
+    source: DetectionSource,
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """COCO-style evaluation in original image coordinates (views are undone)."""
+    was_training = detector.training
+    detector.eval()
+    evaluator = DetectionEvaluator(records=source.records, class_names=source.class_names)
+    device = torch.device(device)
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            preds = detector.predict(batch.images.to(device), batch.image_sizes)
+        for pred, view, orig, image_id in zip(preds, batch.views, batch.orig_sizes, batch.image_ids, strict=True):
+            boxes = boxes_to_original(pred["boxes"].float().cpu(), view, orig)
+            evaluator.add(image_id, boxes, pred["scores"].float().cpu(), pred["labels"].cpu())
+    detector.train(was_training)
+    return evaluator.compute()
