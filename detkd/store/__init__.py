@@ -1,0 +1,48 @@
+"""The knowledge store: teacher features selected once (NMS-KSD), stored compactly, read by students."""
+
+from detkd.store.format import (
+    FORMAT_VERSION,
+    LevelRecord,
+    Manifest,
+    StoreError,
+    decode_record,
+    encode_record,
+    file_sha256,
+    fingerprint,
+    record_key,
+)
+from detkd.store.reader import StoreReader, VerifyReport, collate_knowledge, mirror_levels, store_info, verify_store
+from detkd.store.select import (
+    SelectionPolicy,
+    compress_channels,
+    default_top_k,
+    select_from_detections,
+    select_peaks,
+)
+from detkd.store.writer import StoreWriter, merge_shards, shard_indices
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LevelRecord",
+    "Manifest",
+    "SelectionPolicy",
+    "StoreError",
+    "StoreReader",
+    "StoreWriter",
+    "VerifyReport",
+    "collate_knowledge",
+    "compress_channels",
+    "decode_record",
+    "default_top_k",
+    "encode_record",
+    "file_sha256",
+    "fingerprint",
+    "merge_shards",
+    "mirror_levels",
+    "record_key",
+    "select_from_detections",
+    "select_peaks",
+    "shard_indices",
+    "store_info",
+    "verify_store",
+]

@@ -1,0 +1,377 @@
+"""The knowledge-store format: per-level records, their checksummed binary encoding, the manifest.
+
+A store is a directory::
+
+    manifest.json        format version, teacher / preprocessing / dataset identity, levels, policy, counts
+    records.lmdb/        LMDB environment: key "<image_id>/<view.key>" -> encoded record
+    shard-XXXX.lmdb/     (sharded builds before ``merge_shards``) one environment per build process
+    shard-XXXX.json      (idem) {"shard", "num_shards", "counts", "complete": its writer closed cleanly}
+
+An encoded record (all integers little-endian)::
+
+    b"DK" | version u8 | blake2b-128 digest of the payload (16 bytes) | payload
+    payload = n varint | n x (name_len u8, name utf-8, dtype u8, ndim u8, ndim x dim varint) | raw arrays, same order
+
+Array names are ``"<level>/<part>"`` with part ``i`` (cell y, x: int16 [K, 2]), ``v`` (values: float16
+[K, C/r]), ``s`` (score: float16 [K]), ``d`` (dense map: float16 [C/r, h, w], valid region only) or any
+longer name for extra per-level arrays. Names are one letter because at the NMS-KSD operating point a
+record is a few KB and headers count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from detkd import __version__
+from detkd.data.views import View
+from detkd.errors import DetkdError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RECORDS = "records.lmdb"
+_MAGIC = b"DK"
+_DIGEST = 16
+_PREAMBLE = len(_MAGIC) + 1 + _DIGEST
+
+# dtype codes of the binary encoding; never renumber (stores on disk use them).
+_DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<f2"),
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("i1"),
+    4: np.dtype("u1"),
+    5: np.dtype("<i2"),
+    6: np.dtype("<i4"),
+    7: np.dtype("<i8"),
+    8: np.dtype("?"),
+}
+_CODES = {dt.str: code for code, dt in _DTYPES.items()}
+DEFAULT_DTYPES = {"yx": "int16", "values": "float16", "score": "float16", "dense": "float16"}
+_PARTS = {"i": "yx", "v": "values", "s": "score", "d": "dense"}
+
+
+class StoreError(DetkdError):
+    """A knowledge store is missing, corrupt, incomplete or does not match the run."""
+
+
+def record_key(image_id: int, view: View) -> str:
+    return f"{int(image_id)}/{view.key}"
+
+
+def parse_key(key: str | bytes) -> tuple[int, View]:
+    text = bytes(key).decode() if isinstance(key, bytes | bytearray | memoryview) else key
+    image_id, _, view_key = str(text).partition("/")
+    try:
+        return int(image_id), View.from_key(view_key)
+    except ValueError:
+        raise StoreError(f"malformed record key {text!r}: expected '<image_id>/<view key>'") from None
+
+
+@dataclass
+class LevelRecord:
+    """What the store holds for one level of one image view: sparse cells or a dense map."""
+
+    yx: Tensor | None = None  # int16 [K, 2] cell (y, x) on the level's feature map
+    values: Tensor | None = None  # float16 [K, C/r]
+    score: Tensor | None = None  # float16 [K], selection score (saliency or detection score)
+    dense: Tensor | None = None  # float16 [C/r, h, w], the valid (unpadded) region only
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.dense is not None
+
+    @property
+    def num_cells(self) -> int:
+        return 0 if self.yx is None else int(self.yx.shape[0])
+
+    def arrays(self) -> dict[str, Tensor]:
+        """{part: tensor}: one-letter codes for the standard parts, extras under their own names."""
+        short = [name for name in self.extras if len(name) < 2 or "/" in name]
+        if short:
+            raise StoreError(f"extra array name(s) {short} are reserved: use 2+ characters and no '/'")
+        out = {code: getattr(self, name) for code, name in _PARTS.items() if getattr(self, name) is not None}
+        out.update(self.extras)
+        return out
+
+
+def flatten_record(levels: dict[str, LevelRecord]) -> dict[str, Tensor]:
+    """{level: LevelRecord} -> {"<level>/<part>": tensor}, the input of ``encode_record``."""
+    return {f"{level}/{part}": array for level, rec in levels.items() for part, array in rec.arrays().items()}
+
+
+def unflatten_record(arrays: dict[str, Tensor]) -> dict[str, LevelRecord]:
+    levels: dict[str, LevelRecord] = {}
+    for name, array in arrays.items():
+        level, sep, part = name.rpartition("/")
+        if not sep:
+            raise StoreError(f"record array {name!r} has no level prefix")
+        rec = levels.setdefault(level, LevelRecord())
+        if part in _PARTS:
+            setattr(rec, _PARTS[part], array)
+        else:
+            rec.extras[part] = array
+    return levels
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return n, pos
+
+
+def _as_numpy(name: str, x: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(x, Tensor):
+        try:
+            x = x.detach().cpu().numpy()
+        except TypeError:
+            raise StoreError(f"array {name!r}: dtype {x.dtype} cannot be stored") from None
+    x = np.asarray(x)
+    return np.asarray(x, dtype=x.dtype.newbyteorder("<"), order="C")  # (ascontiguousarray makes 0-d 1-d)
+
+
+def encode_record(arrays: dict[str, np.ndarray | Tensor]) -> bytes:
+    """Encode named arrays into one checksummed blob. Deterministic: names are sorted."""
+    header = bytearray(_varint(len(arrays)))
+    data = []
+    for name in sorted(arrays):
+        a = _as_numpy(name, arrays[name])
+        code = _CODES.get(a.dtype.str)
+        if code is None:
+            raise StoreError(f"array {name!r}: dtype {a.dtype} cannot be stored")
+        raw_name = name.encode()
+        if len(raw_name) > 255 or a.ndim > 255:
+            raise StoreError(f"array {name!r}: name longer than 255 bytes or more than 255 dimensions")
+        header += struct.pack("<B", len(raw_name)) + raw_name + struct.pack("<BB", code, a.ndim)
+        header += b"".join(_varint(d) for d in a.shape)
+        data.append(a.tobytes())
+    payload = bytes(header) + b"".join(data)
+    digest = hashlib.blake2b(payload, digest_size=_DIGEST).digest()
+    return _MAGIC + bytes([FORMAT_VERSION]) + digest + payload
+
+
+def decode_record(blob: bytes | memoryview, *, verify: bool = True, key: str | None = None) -> dict[str, Tensor]:
+    """Decode ``encode_record``'s output into tensors (copies: safe after an LMDB txn ends).
+
+    With ``verify`` the payload's checksum is checked; any damage raises StoreError naming ``key``.
+    """
+    buf = memoryview(blob)
+    where = f"record {key!r}" if key is not None else "record"
+    if len(buf) < _PREAMBLE or bytes(buf[:2]) != _MAGIC:
+        raise StoreError(f"{where}: not a detkd record (bad magic or truncated); the store is corrupt")
+    if buf[2] != FORMAT_VERSION:  # the version byte is outside the checksum: accept only known versions
+        raise StoreError(
+            f"{where}: record format v{buf[2]} is not one this detkd reads (v{FORMAT_VERSION}); "
+            f"the store is corrupt or from another detkd version"
+        )
+    payload = buf[_PREAMBLE:]
+    if verify and hashlib.blake2b(payload, digest_size=_DIGEST).digest() != bytes(buf[3:_PREAMBLE]):
+        raise StoreError(f"{where}: checksum mismatch, the stored bytes are damaged; rebuild this store")
+    try:
+        count, pos = _read_varint(payload, 0)
+        specs = []
+        for _ in range(count):
+            n = payload[pos]
+            name = bytes(payload[pos + 1 : pos + 1 + n]).decode()
+            code, ndim = payload[pos + 1 + n], payload[pos + 2 + n]
+            pos += 3 + n
+            shape = []
+            for _ in range(ndim):
+                d, pos = _read_varint(payload, pos)
+                shape.append(d)
+            specs.append((name, _DTYPES[code], tuple(shape)))
+        out: dict[str, Tensor] = {}
+        for name, dtype, shape in specs:
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if pos + nbytes > len(payload):
+                raise ValueError("truncated")
+            a = np.frombuffer(payload, dtype=dtype, count=nbytes // dtype.itemsize, offset=pos).reshape(shape)
+            out[name] = torch.from_numpy(a.astype(dtype.newbyteorder("="), copy=True))
+            pos += nbytes
+        if pos != len(payload):
+            raise ValueError("trailing bytes")
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{where}: cannot be decoded ({exc}); the store is corrupt") from None
+    return out
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON so a reader never sees a half-written file (temp file + fsync + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (the teacher checkpoint hash recorded in a store)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(obj) -> str:
+    """sha256 of an object's canonical JSON (e.g. a preprocessing dict or a data-set listing)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canon(x):
+    # JSON round trip: tuples and lists compare equal, as they will after the manifest is read back.
+    return json.loads(json.dumps(x, sort_keys=True))
+
+
+_ADVICE = {
+    "teacher_hash": "the store was built from a different teacher checkpoint: pass the checkpoint it was "
+    "built from, or rebuild the store with `detkd store build --teacher <checkpoint>`",
+    "preprocessing": "the run resizes or normalises images differently from the build: use the store's "
+    "preprocessing settings, or rebuild the store",
+    "dataset_fingerprint": "the store was built for a different data set (or split/version of it): point the "
+    "run at that data set, or rebuild the store for this one",
+    "levels": "the store lacks feature levels this run distills: distill only the stored levels, or rebuild",
+    "strides": "a level's stride differs between the store and this run's teacher/student: check the architecture",
+    "channels": "a level's channel count differs between the store and this run's teacher: check the architecture",
+}
+# Fields that change while a store is built or resumed; everything else is its identity.
+_VOLATILE = ("counts", "created", "tool_version", "complete")
+
+
+@dataclass
+class Manifest:
+    """Everything needed to decide whether a store matches a run, and to size its contents."""
+
+    teacher_hash: str
+    architecture: dict
+    preprocessing: dict
+    levels: list[str]
+    strides: dict[str, int]
+    channels: dict[str, int]  # teacher channels C per level, before channel pooling
+    feature_shapes: dict[str, list[int]]  # (H, W) per level on the batch canvas
+    policy: dict
+    views: list[dict]
+    dataset_fingerprint: str
+    counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "records": 0, "bytes": 0})
+    dtypes: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DTYPES))
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+    tool_version: str = __version__
+    complete: bool = False  # set when a writer (or merge_shards) closed cleanly
+
+    def __post_init__(self) -> None:
+        self.levels = list(self.levels)
+        for name in ("strides", "channels", "feature_shapes"):
+            missing = [lv for lv in self.levels if lv not in getattr(self, name)]
+            if missing:
+                raise StoreError(f"manifest: {name} has no entry for level(s) {missing}")
+        self.feature_shapes = {k: [int(v[0]), int(v[1])] for k, v in self.feature_shapes.items()}
+
+    def to_dict(self) -> dict:
+        return _canon(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = MANIFEST) -> Manifest:
+        version = d.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{source}: store format v{version} is newer than this detkd reads (v{FORMAT_VERSION}); upgrade detkd"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - d.keys())
+        if missing:
+            raise StoreError(f"{source}: manifest lacks field(s) {missing}; the store is damaged or not a detkd store")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = MANIFEST) -> Manifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{source}: not valid JSON ({exc}); the store's manifest is damaged") from None
+        return cls.from_dict(d, source=source)
+
+    @classmethod
+    def load(cls, store_dir: str | Path) -> Manifest:
+        path = Path(store_dir) / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"{store_dir}: not a detkd store (no {MANIFEST})")
+        return cls.from_json(path.read_text(), source=str(path))
+
+    def save(self, store_dir: str | Path) -> None:
+        write_json_atomic(Path(store_dir) / MANIFEST, self.to_dict())
+
+    def identity_diff(self, other: Manifest) -> list[str]:
+        """Fields (other than counts, timestamps, tool version, completeness) that differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a.keys() | b.keys() if k not in _VOLATILE and a.get(k) != b.get(k))
+
+    def check_compatible(
+        self,
+        *,
+        teacher_hash: str | None = None,
+        preprocessing: dict | None = None,
+        dataset_fingerprint: str | None = None,
+        levels: list[str] | None = None,
+        strides: dict[str, int] | None = None,
+        channels: dict[str, int] | None = None,
+    ) -> None:
+        """Raise StoreError listing every given field that does not match, and what to do."""
+        problems: list[tuple[str, str]] = []
+        if teacher_hash is not None and teacher_hash != self.teacher_hash:
+            problems.append(("teacher_hash", f"store has {self.teacher_hash!r}, this run has {teacher_hash!r}"))
+        if preprocessing is not None and _canon(preprocessing) != _canon(self.preprocessing):
+            ours, theirs = _canon(self.preprocessing), _canon(preprocessing)
+            keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            diff = "; ".join(f"{k}: store {ours.get(k)!r} vs run {theirs.get(k)!r}" for k in keys)
+            problems.append(("preprocessing", diff))
+        if dataset_fingerprint is not None and dataset_fingerprint != self.dataset_fingerprint:
+            problems.append(
+                ("dataset_fingerprint", f"store has {self.dataset_fingerprint!r}, this run has {dataset_fingerprint!r}")
+            )
+        if levels is not None:
+            missing = [lv for lv in levels if lv not in self.levels]
+            if missing:
+                problems.append(("levels", f"store has {self.levels}, this run needs {missing}"))
+        for name, given in (("strides", strides), ("channels", channels)):
+            stored = getattr(self, name)
+            bad = {lv: (stored[lv], v) for lv, v in (given or {}).items() if lv in stored and int(stored[lv]) != int(v)}
+            if bad:
+                problems.append((name, "; ".join(f"level {lv}: store {s} vs run {r}" for lv, (s, r) in bad.items())))
+        if problems:
+            lines = [f"{name} mismatch: {detail}. Fix: {_ADVICE[name]}" for name, detail in problems]
+            raise StoreError("knowledge store does not match this run:\n  " + "\n  ".join(lines))

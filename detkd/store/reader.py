@@ -1,0 +1,343 @@
+"""Reading a knowledge store: random access from many processes, batch collation, verification, info.
+
+Safe with DataLoader workers (fork or spawn) and with several processes reading at once: LMDB
+handles are opened lazily, read-only and lock-free, once per process (``lmdb_env``). Lock-free
+reading assumes nobody writes the store meanwhile: read finished stores only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from detkd.data.views import View
+from detkd.distill.base import SparseCells, TeacherKnowledge
+from detkd.store.format import (
+    RECORDS,
+    LevelRecord,
+    Manifest,
+    StoreError,
+    decode_record,
+    parse_key,
+    record_key,
+    unflatten_record,
+)
+from detkd.store.lmdb_env import iter_items, open_readonly
+from detkd.store.select import SelectionPolicy
+from detkd.store.writer import shard_problems, shard_status
+
+log = logging.getLogger(__name__)
+
+
+class StoreReader:
+    """Random access to a store's records by (image_id, view). Picklable; cheap to construct."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        self.manifest = Manifest.load(self.path)
+        merged = [self.path / RECORDS] if (self.path / RECORDS).is_dir() else []
+        # Shards without a status file are leftovers of a finished merge (see merge_shards).
+        shards = sorted(p for p in self.path.glob("shard-*.lmdb") if p.with_suffix(".json").is_file())
+        self.env_paths = merged + shards
+        if not self.env_paths:
+            raise StoreError(f"{self.path}: the store holds no records ({RECORDS} is missing)")
+        if not self.complete:
+            log.warning("%s: the build of this store did not finish; some records may be missing", self.path)
+        elif not merged:
+            log.warning("%s: unmerged shards; reading all of them (merge_shards makes reads faster)", self.path)
+
+    @property
+    def policy(self) -> SelectionPolicy:
+        return SelectionPolicy.from_dict(self.manifest.policy)
+
+    @property
+    def channel_group(self) -> int:
+        return int(self.manifest.policy.get("channel_group", 1))
+
+    @property
+    def complete(self) -> bool:
+        """The build finished: a closed single writer, a finished merge, or every shard's writer closed."""
+        return self.manifest.complete or not shard_problems(shard_status(self.path))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Counts the build recorded: the manifest's, or the shards' totals before merging."""
+        status = shard_status(self.path)
+        if self.manifest.complete or not status:
+            return dict(self.manifest.counts)
+        total = {"images": 0, "records": 0, "bytes": 0}
+        for s in status:
+            for k, v in s["counts"].items():
+                total[k] += v
+        return total
+
+    def _envs(self):
+        return [open_readonly(p) for p in self.env_paths]
+
+    def read_arrays(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The named arrays of one record, or None if absent."""
+        raw = key.encode()
+        for env in self._envs():
+            with env.begin(buffers=True) as txn:
+                value = txn.get(raw)
+                if value is not None:
+                    # Decode (which copies) before the transaction ends: the buffer is only valid inside it.
+                    return decode_record(value, verify=self.verify, key=f"{self.path}:{key}")
+        return None
+
+    def read(self, image_id: int, view: View) -> dict[str, LevelRecord]:
+        """{level: LevelRecord} of one image view (tensors on CPU, stored dtypes)."""
+        arrays = self.read_arrays(record_key(image_id, view))
+        if arrays is None:
+            held = [v.key for v in self.views_for(image_id)]
+            hint = (
+                f"it holds views {held} for this image"
+                if held
+                else ("it holds nothing for this image: was it built for this data set, and did the build finish?")
+            )
+            raise StoreError(f"{self.path}: no record for image {image_id} view {view.key}; {hint}")
+        return unflatten_record(arrays)
+
+    def views_for(self, image_id: int) -> list[View]:
+        prefix = f"{int(image_id)}/".encode()
+        views: set[View] = set()
+        for env in self._envs():
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(prefix):
+                    for key in cursor.iternext(keys=True, values=False):
+                        if not key.startswith(prefix):
+                            break
+                        views.add(parse_key(key)[1])
+        return sorted(views)
+
+    def keys(self) -> Iterator[str]:
+        """Every record key "<image_id>/<view key>", each once."""
+        envs = self._envs()
+        seen: set[bytes] | None = set() if len(envs) > 1 else None
+        for env in envs:
+            with env.begin() as txn:
+                for key in txn.cursor().iternext(keys=True, values=False):
+                    if seen is not None:
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    yield key.decode()
+
+    def __len__(self) -> int:
+        return sum(env.stat()["entries"] for env in self._envs())
+
+    def __contains__(self, item: str | tuple[int, View]) -> bool:
+        key = item if isinstance(item, str) else record_key(*item)
+        raw = key.encode()
+        for env in self._envs():
+            with env.begin(buffers=True) as txn:
+                if txn.get(raw) is not None:
+                    return True
+        return False
+
+    def to_knowledge(
+        self,
+        records: Sequence[dict[str, LevelRecord] | None],
+        *,
+        feature_shapes: dict[str, tuple[int, int]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> TeacherKnowledge:
+        """Collate one batch's records (``feature_shapes`` defaults to the manifest's canvas)."""
+        shapes = feature_shapes or {k: tuple(v) for k, v in self.manifest.feature_shapes.items()}
+        return collate_knowledge(records, feature_shapes=shapes, channel_group=self.channel_group, device=device)
+
+
+def collate_knowledge(
+    records: Sequence[dict[str, LevelRecord] | None],
+    *,
+    feature_shapes: dict[str, tuple[int, int]],
+    channel_group: int,
+    device: torch.device | str | None = None,
+) -> TeacherKnowledge:
+    """Per-sample records of one batch (sample i = batch index i) -> TeacherKnowledge.
+
+    Sparse levels become SparseCells (int64 yx, float32 values and score, batch_index concatenated
+    in sample order). Dense levels become float32 [B, C', H, W] with each stored valid region placed
+    top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). A None record or a missing
+    level contributes no cells; a dense level needs a record for every sample.
+    """
+    levels = list(dict.fromkeys([lv for r in records if r for lv in r]))
+    cells: dict[str, SparseCells] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for level in levels:
+        present = [(i, r[level]) for i, r in enumerate(records) if r and level in r]
+        kinds = {rec.is_dense for _, rec in present}
+        if len(kinds) > 1:
+            raise StoreError(f"level {level!r} is dense in some records and sparse in others")
+        if kinds == {True}:
+            if len(present) != len(records):
+                raise StoreError(f"level {level!r} is dense but {len(records) - len(present)} sample(s) lack it")
+            if level not in feature_shapes:
+                raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
+            h, w = feature_shapes[level]
+            c = present[0][1].dense.shape[0]
+            out = torch.zeros((len(records), c, h, w), dtype=torch.float32)
+            for i, rec in present:
+                d = rec.dense
+                if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
+                    raise StoreError(
+                        f"level {level!r}: stored map {tuple(d.shape)} does not fit the batch's "
+                        f"{c} x {h} x {w} feature canvas"
+                    )
+                out[i, :, : d.shape[1], : d.shape[2]] = d.float()
+            dense[level] = out
+            continue
+        counts = [rec.num_cells for _, rec in present]
+        width = present[0][1].values.shape[1] if present else 0
+        with_score = all(rec.score is not None for _, rec in present)
+        cells[level] = SparseCells(
+            batch_index=torch.repeat_interleave(
+                torch.tensor([i for i, _ in present], dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
+            ),
+            yx=torch.cat([rec.yx.long() for _, rec in present]) if present else torch.zeros((0, 2), dtype=torch.int64),
+            values=torch.cat([rec.values.float() for _, rec in present]) if present else torch.zeros((0, width)),
+            score=torch.cat([rec.score.float() for _, rec in present]) if present and with_score else None,
+        )
+    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group)
+    if device is not None:
+        knowledge = _to_device(knowledge, device)
+    return knowledge
+
+
+def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowledge:
+    features = {lv: t.to(device, non_blocking=True) for lv, t in k.features.items()} if k.features else None
+    cells = None
+    if k.cells:
+        cells = {
+            lv: SparseCells(
+                batch_index=c.batch_index.to(device, non_blocking=True),
+                yx=c.yx.to(device, non_blocking=True),
+                values=c.values.to(device, non_blocking=True),
+                score=None if c.score is None else c.score.to(device, non_blocking=True),
+            )
+            for lv, c in k.cells.items()
+        }
+    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
+
+
+def mirror_levels(
+    record: dict[str, LevelRecord], *, image_size: tuple[int, int], strides: dict[str, int]
+) -> dict[str, LevelRecord]:
+    """Approximate the flipped view's record from the unflipped one's: x' = ceil(w / s) - 1 - x for
+    cells, a horizontal flip for dense maps (their stored width is already the valid width).
+    Conv features are only roughly flip-equivariant; extras are passed through unchanged."""
+    w = int(image_size[1])
+    out: dict[str, LevelRecord] = {}
+    for level, rec in record.items():
+        if rec.is_dense:
+            out[level] = LevelRecord(dense=rec.dense.flip(-1), extras=dict(rec.extras))
+            continue
+        yx = rec.yx.clone() if rec.yx is not None else None
+        if yx is not None:
+            valid_w = -(-w // int(strides[level]))
+            yx[:, 1] = valid_w - 1 - yx[:, 1]
+        out[level] = LevelRecord(yx=yx, values=rec.values, score=rec.score, extras=dict(rec.extras))
+    return out
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    records: int = 0
+    images: int = 0
+    bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        head = f"{self.path}: {self.records} records, {self.images} images, {self.bytes} bytes"
+        if self.ok:
+            return head + ": OK"
+        shown = self.errors[:20]
+        more = [f"... and {len(self.errors) - 20} more"] if len(self.errors) > 20 else []
+        return "\n".join([head + f": {len(self.errors)} problem(s)", *("  " + e for e in shown + more)])
+
+
+def verify_store(path: str | Path) -> VerifyReport:
+    """Re-read every record: checksum, decodability, levels and views against the manifest, counts."""
+    report = VerifyReport(path=str(path))
+    try:
+        reader = StoreReader(path, verify=True)
+    except StoreError as exc:
+        report.errors.append(str(exc))
+        return report
+    manifest = reader.manifest
+    levels = set(manifest.levels)
+    views = {View.from_dict(v).key for v in manifest.views}
+    image_ids: set[int] = set()
+    seen: set[bytes] = set()
+    for env in reader._envs():
+        for key, value in iter_items(env):
+            if key in seen:  # the same record in a shard and the merged store (interrupted merge)
+                continue
+            seen.add(key)
+            report.records += 1
+            report.bytes += len(value)
+            name = key.decode(errors="replace")
+            try:
+                image_id, view = parse_key(key)
+                image_ids.add(image_id)
+                record = unflatten_record(decode_record(value, verify=True, key=name))
+            except StoreError as exc:
+                report.errors.append(str(exc))
+                continue
+            if view.key not in views:
+                report.errors.append(f"record {name!r}: view {view.key} is not among the manifest's views")
+            if set(record) - levels:
+                report.errors.append(f"record {name!r}: unknown level(s) {sorted(set(record) - levels)}")
+    report.images = len(image_ids)
+    if not reader.complete:
+        problems = shard_problems(shard_status(path)) if shard_status(path) else []
+        detail = f" ({'; '.join(problems)})" if problems else ""
+        report.errors.append(f"the build did not finish{detail}: rerun it to complete the store")
+    expected = reader.counts
+    found = {"images": report.images, "records": report.records, "bytes": report.bytes}
+    for name, value in found.items():
+        if expected.get(name) != value:
+            report.errors.append(f"counts: manifest says {expected.get(name)} {name}, the store holds {value}")
+    return report
+
+
+def store_info(path: str | Path) -> dict:
+    """What ``detkd store info`` prints: identity, policy, views, counts and the size against dense fp16."""
+    reader = StoreReader(path, verify=False)
+    m = reader.manifest
+    counts = reader.counts
+    disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    dense = sum(2 * m.channels[lv] * m.feature_shapes[lv][0] * m.feature_shapes[lv][1] for lv in m.levels)
+    per_view = counts["bytes"] / counts["records"] if counts["records"] else 0.0
+    return {
+        "path": str(path),
+        "format_version": m.format_version,
+        "complete": m.complete,
+        "teacher_hash": m.teacher_hash,
+        "dataset_fingerprint": m.dataset_fingerprint,
+        "architecture": m.architecture,
+        "policy": m.policy,
+        "levels": {
+            lv: {"stride": m.strides[lv], "channels": m.channels[lv], "feature_shape": m.feature_shapes[lv]}
+            for lv in m.levels
+        },
+        "views": [View.from_dict(v).key for v in m.views],
+        "images": counts["images"],
+        "records": counts["records"],
+        "record_bytes": counts["bytes"],
+        "disk_bytes": disk,
+        "bytes_per_image_view": per_view,
+        "dense_fp16_bytes_per_view": dense,
+        "ratio_to_dense": per_view / dense if dense else float("nan"),
+    }

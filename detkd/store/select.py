@@ -1,0 +1,349 @@
+"""Which teacher feature cells a store keeps: NMS over a channel-max saliency map (NMS-KSD),
+the cells of the teacher's own detections, or the dense map; plus grouped channel max pooling.
+
+Conventions shared by every selector:
+
+* Cell (y, x) of a level with stride s covers canvas pixels [s*y, s*(y+1)) x [s*x, s*(x+1)).
+  Images sit top-left on the canvas, so the valid (unpadded) cells of an h x w image are the
+  first ceil(h/s) rows and ceil(w/s) columns (as ``detkd.distill.masks.valid_cell_mask``).
+* Results are ordered by score (descending), ties by row-major index (ascending), so the
+  same input always gives the same cells in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detkd.distill.base import channel_group_max
+from detkd.errors import ConfigError
+from detkd.store.format import LevelRecord, StoreError
+
+SALIENCY = ("max", "mean_abs")
+POLICIES = ("nms-ksd", "detections", "dense")
+_FP16_MAX = 65504.0
+
+
+def default_top_k(stride: int) -> int:
+    """Cells kept per level: 48 at stride 8, halving per octave (24, 12, 6, 3 for P4-P7, 96 for P2)."""
+    return max(1, 384 // int(stride))
+
+
+def valid_cells(image_size: tuple[int, int], stride: int, shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a level's map covered by an image of ``image_size`` = (h, w) pixels."""
+    h, w = image_size
+    return min(shape[0], -(-int(h) // int(stride))), min(shape[1], -(-int(w) // int(stride)))
+
+
+def saliency_map(feature: Tensor, kind: str = "max") -> Tensor:
+    """[C, H, W] -> [H, W] float32: channel max pooling ("max") or mean absolute activation."""
+    if kind == "max":
+        return feature.float().amax(dim=0)
+    if kind == "mean_abs":
+        return feature.float().abs().mean(dim=0)
+    raise ConfigError(f"saliency: unknown kind {kind!r}; choose one of {SALIENCY}")
+
+
+def peaks_from_saliency(
+    saliency: Tensor,
+    *,
+    kernel: int = 3,
+    threshold: float = 0.0,
+    threshold_mode: str = "relative",
+    top_k: int | None = None,
+    valid_hw: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """NMS on a saliency map [H, W] -> (yx int64 [K, 2], score float32 [K]).
+
+    A cell is kept iff it beats every other cell of its ``kernel`` x ``kernel`` window in the order
+    (saliency descending, row-major index ascending): it is a window maximum, and on a tie the
+    earlier cell wins. So no two kept cells are within ``kernel // 2`` of each other, and a
+    rectangular plateau (e.g. a constant map) keeps exactly one cell, its top-left one.
+    Cells outside ``valid_hw`` (rows, cols from the top-left) are padding: never kept and never
+    suppress a valid neighbour. Kept cells must also have saliency >= the threshold:
+    ``threshold_mode="absolute"`` compares raw saliency; ``"relative"`` (default) compares
+    (s - min) / (max - min) over the valid region, so 0.0 disables it and 0.5 keeps the upper
+    half of the range. Finally the ``top_k`` best are returned (all if None).
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise ConfigError(f"kernel: must be an odd positive integer, got {kernel}")
+    h, w = saliency.shape
+    vh, vw = (h, w) if valid_hw is None else (min(h, int(valid_hw[0])), min(w, int(valid_hw[1])))
+    empty = (saliency.new_zeros((0, 2), dtype=torch.int64), saliency.new_zeros((0,), dtype=torch.float32))
+    if vh <= 0 or vw <= 0 or top_k == 0:
+        return empty
+    s = torch.full((h, w), -math.inf, dtype=torch.float32, device=saliency.device)
+    s[:vh, :vw] = saliency[:vh, :vw].float()
+    if not torch.isfinite(s[:vh, :vw]).all():
+        raise StoreError("saliency map holds NaN or infinite values: the teacher's features are not finite")
+    pad = kernel // 2
+    windows = F.unfold(F.pad(s[None, None], (pad, pad, pad, pad), value=-math.inf), kernel)[0]  # [k*k, H*W]
+    centre = s.reshape(-1)
+    # Window offsets before the centre in row-major order are exactly the cells with a smaller index.
+    earlier = windows[: pad * kernel + pad]
+    keep = (centre >= windows.amax(dim=0)) & ~(earlier == centre).any(dim=0) & torch.isfinite(centre)
+    if threshold_mode == "relative":
+        lo, hi = s[:vh, :vw].min(), s[:vh, :vw].max()
+        keep &= (centre - lo) >= threshold * (hi - lo)
+    elif threshold_mode == "absolute":
+        keep &= centre >= threshold
+    else:
+        raise ConfigError(f"threshold_mode: unknown {threshold_mode!r}; choose 'relative' or 'absolute'")
+    index = keep.nonzero().squeeze(1)  # ascending row-major
+    score = centre[index]
+    order = torch.sort(score, descending=True, stable=True).indices
+    if top_k is not None:
+        order = order[:top_k]
+    index, score = index[order], score[order]
+    return torch.stack([index // w, index % w], dim=1), score
+
+
+def select_peaks(
+    feature: Tensor,
+    *,
+    kernel: int = 3,
+    threshold: float = 0.0,
+    threshold_mode: str = "relative",
+    top_k: int | None,
+    valid_hw: tuple[int, int] | None = None,
+    saliency: str = "max",
+) -> Tensor:
+    """NMS-KSD cell selection on one level [C, H, W] -> yx int64 [K, 2]; see ``peaks_from_saliency``."""
+    return peaks_from_saliency(
+        saliency_map(feature, saliency),
+        kernel=kernel,
+        threshold=threshold,
+        threshold_mode=threshold_mode,
+        top_k=top_k,
+        valid_hw=valid_hw,
+    )[0]
+
+
+def detection_cells(
+    boxes: Tensor,
+    scores: Tensor,
+    *,
+    strides: dict[str, int],
+    level_shapes: dict[str, tuple[int, int]],
+    assign: str = "size",
+    top_k: int | dict[str, int] | None = None,
+    dilate: int = 0,
+    box_scale: float = 4.0,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Cells under the centres of detections (xyxy canvas pixels) -> {level: (yx int64 [K, 2], score [K])}.
+
+    ``assign="size"``: each box goes to the one level whose stride s makes ``box_scale * s`` closest
+    to the box size sqrt(w*h) in log scale (torchvision RetinaNet/FCOS anchors are 4 x stride: 32 px
+    at stride 8 ... 512 px at stride 128); exact ties go to the finer level. ``assign="all"``: every
+    level. The centre cell is (floor(cy / s), floor(cx / s)); ``dilate`` d adds its
+    (2d+1) x (2d+1) neighbourhood. Cells are clipped to ``level_shapes`` (pass the valid region to
+    stay off the padding). A cell hit by several detections takes the best score; then top-K.
+    """
+    if assign not in ("size", "all"):
+        raise ConfigError(f"assign: unknown {assign!r}; choose 'size' or 'all'")
+    levels = sorted(strides, key=lambda lv: strides[lv])
+    boxes = boxes.reshape(-1, 4).float()
+    scores = scores.reshape(-1).float()
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (cx, cy)
+    owner = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+    if assign == "size" and len(boxes):
+        size = (wh[:, 0] * wh[:, 1]).sqrt().clamp(min=1.0)
+        level_log = torch.tensor([math.log2(box_scale * strides[lv]) for lv in levels], device=boxes.device)
+        owner = (size.log2()[:, None] - level_log[None]).abs().argmin(dim=1)  # first minimum: the finer level
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for i, level in enumerate(levels):
+        h, w = (int(v) for v in level_shapes[level])
+        k = top_k.get(level) if isinstance(top_k, dict) else top_k
+        mine = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device) if assign == "all" else owner == i
+        if h <= 0 or w <= 0 or not mine.any() or k == 0:
+            out[level] = (boxes.new_zeros((0, 2), dtype=torch.int64), boxes.new_zeros((0,)))
+            continue
+        # A centre on the far border (or a box beyond the valid region) names its nearest cell.
+        cx = torch.floor(centre[mine, 0] / strides[level]).long().clamp(0, w - 1)
+        cy = torch.floor(centre[mine, 1] / strides[level]).long().clamp(0, h - 1)
+        best = torch.full((h * w,), -math.inf, device=boxes.device)
+        for dy in range(-dilate, dilate + 1):
+            for dx in range(-dilate, dilate + 1):
+                y, x = cy + dy, cx + dx
+                inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+                best.scatter_reduce_(0, (y * w + x)[inside], scores[mine][inside], reduce="amax")
+        index = torch.isfinite(best).nonzero().squeeze(1)
+        score = best[index]
+        order = torch.sort(score, descending=True, stable=True).indices[:k]
+        index, score = index[order], score[order]
+        out[level] = (torch.stack([index // w, index % w], dim=1), score)
+    return out
+
+
+def select_from_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    *,
+    strides: dict[str, int],
+    level_shapes: dict[str, tuple[int, int]],
+    assign: str = "size",
+    top_k: int | dict[str, int] | None = None,
+    dilate: int = 0,
+    box_scale: float = 4.0,
+) -> dict[str, Tensor]:
+    """Cells of the teacher's own (post-NMS) detections -> {level: yx int64 [K, 2]}; see ``detection_cells``."""
+    cells = detection_cells(
+        boxes,
+        scores,
+        strides=strides,
+        level_shapes=level_shapes,
+        assign=assign,
+        top_k=top_k,
+        dilate=dilate,
+        box_scale=box_scale,
+    )
+    return {level: yx for level, (yx, _) in cells.items()}
+
+
+def compress_channels(values: Tensor, group: int, *, dim: int = -1) -> Tensor:
+    """Grouped channel max pooling C -> C/group along ``dim`` (last by default: [K, C] cell vectors)."""
+    return channel_group_max(values, group, dim=dim % values.dim())
+
+
+@dataclass
+class SelectionPolicy:
+    """How a store selects and compresses teacher features, per level.
+
+    ``name`` is the default selector ("nms-ksd": feature peaks; "detections": cells of the
+    teacher's detections; "dense": the whole valid map); ``per_level`` overrides it by level name,
+    e.g. ``{"p6": "dense", "p7": "dense"}``. ``top_k`` is one int for all levels, a per-level dict,
+    or None for ``default_top_k(stride)``; ``density`` (if set) further caps each level at
+    ceil(density x its valid cells), so the stored fraction of a map does not grow as images shrink.
+    Values are stored as float16 after grouped channel max pooling by ``channel_group``.
+    """
+
+    name: str = "nms-ksd"
+    per_level: dict[str, str] = field(default_factory=dict)
+    kernel: int = 3
+    threshold: float = 0.0
+    threshold_mode: str = "relative"
+    top_k: int | dict[str, int] | None = None
+    density: float | None = None
+    channel_group: int = 4
+    saliency: str = "max"
+    assign: str = "size"
+    dilate: int = 0
+    box_scale: float = 4.0
+
+    def __post_init__(self) -> None:
+        for level, mode in {"name": self.name, **self.per_level}.items():
+            if mode not in POLICIES:
+                where = "name" if level == "name" else f"per_level[{level!r}]"
+                raise ConfigError(f"selection policy {where}: unknown {mode!r}; choose one of {POLICIES}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"selection policy kernel: must be an odd positive integer, got {self.kernel}")
+        if self.channel_group < 1:
+            raise ConfigError(f"selection policy channel_group: must be >= 1, got {self.channel_group}")
+        if self.saliency not in SALIENCY:
+            raise ConfigError(f"selection policy saliency: unknown {self.saliency!r}; choose one of {SALIENCY}")
+        if self.threshold_mode not in ("relative", "absolute"):
+            raise ConfigError(f"selection policy threshold_mode: unknown {self.threshold_mode!r}")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"selection policy density: must be in (0, 1], got {self.density}")
+        if self.assign not in ("size", "all") or self.dilate < 0:
+            raise ConfigError(
+                f"selection policy: assign must be 'size' or 'all' and dilate >= 0, got {self.assign!r}, {self.dilate}"
+            )
+
+    def mode_for(self, level: str) -> str:
+        return self.per_level.get(level, self.name)
+
+    def top_k_for(self, level: str, stride: int, valid_hw: tuple[int, int] | None = None) -> int:
+        k = self.top_k.get(level) if isinstance(self.top_k, dict) else self.top_k
+        k = default_top_k(stride) if k is None else int(k)
+        if self.density is not None and valid_hw is not None:
+            k = min(k, math.ceil(self.density * valid_hw[0] * valid_hw[1]))
+        return k
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SelectionPolicy:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"selection policy: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def select_image(
+        self,
+        features: dict[str, Tensor],
+        *,
+        image_size: tuple[int, int],
+        strides: dict[str, int],
+        detections: dict[str, Tensor] | None = None,
+    ) -> dict[str, LevelRecord]:
+        """Select one image view's knowledge: features {level: [C, H, W]} of the image placed top-left
+        on the canvas, ``image_size`` its valid (h, w) in pixels, ``detections`` {"boxes": xyxy canvas
+        pixels [N, 4], "scores": [N]} for the "detections" selector. Returns CPU LevelRecords."""
+        valid = {lv: valid_cells(image_size, strides[lv], tuple(f.shape[-2:])) for lv, f in features.items()}
+        det = None
+        if any(self.mode_for(lv) == "detections" for lv in features):
+            if detections is None:
+                raise StoreError("selection policy 'detections' needs the teacher's detections (boxes, scores)")
+            det_levels = [lv for lv in features if self.mode_for(lv) == "detections"]
+            det = detection_cells(
+                detections["boxes"],
+                detections["scores"],
+                strides={lv: strides[lv] for lv in det_levels},
+                level_shapes={lv: valid[lv] for lv in det_levels},
+                assign=self.assign,
+                top_k={lv: self.top_k_for(lv, strides[lv], valid[lv]) for lv in det_levels},
+                dilate=self.dilate,
+                box_scale=self.box_scale,
+            )
+        out: dict[str, LevelRecord] = {}
+        for level, feature in features.items():
+            f = feature.detach()
+            if f.dim() != 3:
+                raise StoreError(f"level {level!r}: expected one image's features [C, H, W], got {tuple(f.shape)}")
+            if f.shape[0] % self.channel_group:
+                raise StoreError(
+                    f"level {level!r}: {f.shape[0]} channels cannot be pooled in groups of "
+                    f"{self.channel_group}; choose a channel_group dividing it"
+                )
+            _check_fp16(level, f)
+            mode = self.mode_for(level)
+            if mode == "dense":
+                vh, vw = valid[level]
+                dense = compress_channels(f[:, :vh, :vw], self.channel_group, dim=0)
+                out[level] = LevelRecord(dense=dense.half().cpu().contiguous())
+                continue
+            if mode == "nms-ksd":
+                yx, score = peaks_from_saliency(
+                    saliency_map(f, self.saliency),
+                    kernel=self.kernel,
+                    threshold=self.threshold,
+                    threshold_mode=self.threshold_mode,
+                    top_k=self.top_k_for(level, strides[level], valid[level]),
+                    valid_hw=valid[level],
+                )
+            else:
+                yx, score = det[level]
+            values = compress_channels(f[:, yx[:, 0], yx[:, 1]].T, self.channel_group, dim=1)
+            out[level] = LevelRecord(
+                yx=yx.to(torch.int16).cpu(), values=values.half().cpu().contiguous(), score=score.half().cpu()
+            )
+        return out
+
+
+def _check_fp16(level: str, f: Tensor) -> None:
+    peak = f.abs().amax() if f.numel() else f.new_zeros(())
+    if not torch.isfinite(peak):
+        raise StoreError(f"level {level!r}: teacher features hold NaN or infinite values; check the teacher")
+    if peak > _FP16_MAX:
+        raise StoreError(
+            f"level {level!r}: teacher features reach |x| = {float(peak):.4g}, beyond float16 "
+            f"(65504); the store keeps float16, so such a teacher cannot be stored"
+        )

@@ -1,0 +1,273 @@
+"""Writing a knowledge store: restartable, optionally sharded across build processes.
+
+A record is committed in an LMDB transaction together with up to ``commit_every - 1`` others,
+so a killed build loses at most the uncommitted ones and never leaves a partial record; run
+the build again and it skips what ``has`` reports and redoes the rest.
+
+Sharded builds: process i of n opens ``StoreWriter(out, manifest, shard=i, num_shards=n)`` and writes the
+images ``shard_indices(len(dataset), shard=i, num_shards=n)`` gives it (index modulo n) into
+``shard-000i.lmdb``. ``merge_shards(out)`` then copies every shard into ``records.lmdb`` and
+removes the shards. A reader also reads an unmerged store (it looks up every shard), so merging
+is an optimisation: one memory map and one lookup per read instead of n.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from detkd.data.views import View
+from detkd.store.format import (
+    MANIFEST,
+    RECORDS,
+    LevelRecord,
+    Manifest,
+    StoreError,
+    encode_record,
+    flatten_record,
+    parse_key,
+    record_key,
+    write_json_atomic,
+)
+from detkd.store.lmdb_env import INITIAL_MAP_SIZE, WritableEnv, iter_items, open_readonly, release
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:04d}"
+
+
+def shard_indices(num_items: int, *, shard: int, num_shards: int) -> range:
+    """The data-set indices shard ``shard`` of ``num_shards`` builds: index modulo num_shards."""
+    if not 0 <= shard < num_shards:
+        raise StoreError(f"shard {shard} is not in [0, {num_shards})")
+    return range(shard, num_items, num_shards)
+
+
+def _empty_counts() -> dict[str, int]:
+    return {"images": 0, "records": 0, "bytes": 0}
+
+
+def shard_status(store_dir: str | Path) -> list[dict]:
+    """The status files of a sharded build: {"shard", "num_shards", "counts", "complete"} each."""
+    return [json.loads(f.read_text()) for f in sorted(Path(store_dir).glob("shard-*.json"))]
+
+
+def shard_problems(status: list[dict]) -> list[str]:
+    """Why a sharded build is not finished (empty list: every shard of the build closed cleanly)."""
+    if not status:
+        return ["no shards"]
+    sizes = {s["num_shards"] for s in status}
+    if len(sizes) > 1:
+        return [f"shards disagree on the number of shards: {sorted(sizes)}"]
+    missing = sorted(set(range(sizes.pop())) - {s["shard"] for s in status})
+    problems = [f"{shard_name(i)} is missing (its build never started)" for i in missing]
+    problems += [
+        f"{shard_name(s['shard'])} was not finished (its writer never closed)" for s in status if not s["complete"]
+    ]
+    return problems
+
+
+class StoreWriter:
+    """Writes records keyed by (image_id, view) into ``out_dir``.
+
+    Opening a directory that already holds a store continues it if its manifest matches
+    ``manifest`` (apart from counts, timestamps and tool version), and raises StoreError naming
+    the differing fields otherwise. ``close()`` (or leaving a ``with`` block) commits what is
+    pending and records the counts: in ``manifest.json`` for a single build, in
+    ``shard-XXXX.json`` for a shard (``merge_shards`` totals them).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        manifest: Manifest,
+        *,
+        shard: int | None = None,
+        num_shards: int | None = None,
+        commit_every: int = 64,
+        initial_map_size: int = INITIAL_MAP_SIZE,
+    ) -> None:
+        if commit_every < 1:
+            raise StoreError(f"commit_every must be >= 1, got {commit_every}")
+        if (shard is None) != (num_shards is None) or (shard is not None and not 0 <= shard < num_shards):
+            raise StoreError(
+                f"a sharded build needs 0 <= shard < num_shards, got shard={shard}, num_shards={num_shards}"
+            )
+        self.out_dir = Path(out_dir)
+        self.shard = shard
+        self.num_shards = num_shards
+        self.commit_every = commit_every
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = self._adopt_manifest(manifest)
+        name = RECORDS if shard is None else shard_name(shard) + ".lmdb"
+        self._env = WritableEnv(self.out_dir / name, initial_map_size=initial_map_size)
+        self._pending: dict[bytes, bytes] = {}
+        self._levels = set(self.manifest.levels)
+        self._views = {View.from_dict(v) for v in self.manifest.views}
+        self._closed = False
+        # Resume: count what earlier runs committed.
+        self._records = self._bytes = 0
+        self._image_ids: set[int] = set()
+        for key, size in self._env.scan():
+            self._records += 1
+            self._bytes += size
+            self._image_ids.add(parse_key(key)[0])
+        self._write_status(complete=False)
+
+    def _adopt_manifest(self, manifest: Manifest) -> Manifest:
+        path = self.out_dir / MANIFEST
+        if path.is_file():
+            existing = Manifest.from_json(path.read_text(), source=str(path))
+            diff = existing.identity_diff(manifest)
+            if diff:
+                raise StoreError(
+                    f"{self.out_dir} already holds a store with a different {', '.join(diff)}; "
+                    f"write to another directory, or delete it to rebuild"
+                )
+            return existing
+        manifest = Manifest.from_dict(manifest.to_dict())  # a copy: counts and flags are ours to change
+        manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest.counts = _empty_counts()
+        manifest.complete = False
+        manifest.save(self.out_dir)
+        return manifest
+
+    def _write_status(self, *, complete: bool) -> None:
+        counts = {"images": len(self._image_ids), "records": self._records, "bytes": self._bytes}
+        if self.shard is None:
+            self.manifest.counts = counts
+            self.manifest.complete = complete
+            self.manifest.save(self.out_dir)
+        else:
+            status = {"shard": self.shard, "num_shards": self.num_shards, "counts": counts, "complete": complete}
+            write_json_atomic(self.out_dir / f"{shard_name(self.shard)}.json", status)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Committed records only (``flush`` first to include pending ones)."""
+        return {"images": len(self._image_ids), "records": self._records, "bytes": self._bytes}
+
+    def has(self, image_id: int, view: View) -> bool:
+        key = record_key(image_id, view).encode()
+        return key in self._pending or self._env.get(key) is not None
+
+    def write(self, image_id: int, view: View, record: dict[str, LevelRecord] | dict) -> None:
+        """Queue one image view's record: {level: LevelRecord}, or flat named arrays for ``encode_record``."""
+        if self._closed:
+            raise StoreError(f"{self.out_dir}: writer is closed")
+        if view not in self._views:
+            raise StoreError(
+                f"image {image_id}: view {view.key} is not among the manifest's views "
+                f"{sorted(v.key for v in self._views)}; add it to the manifest's views"
+            )
+        if record and all(isinstance(v, LevelRecord) for v in record.values()):
+            unknown = sorted(set(record) - self._levels)
+            if unknown:
+                raise StoreError(
+                    f"record for image {image_id} view {view.key}: level(s) {unknown} are not in "
+                    f"the manifest's levels {self.manifest.levels}"
+                )
+            record = flatten_record(record)
+        self._pending[record_key(image_id, view).encode()] = encode_record(record)
+        if len(self._pending) >= self.commit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit pending records in one transaction."""
+        if not self._pending:
+            return
+        items = list(self._pending.items())
+        previous = self._env.put_many(items)
+        for (key, blob), old in zip(items, previous, strict=True):
+            if old is None:
+                self._records += 1
+                self._bytes += len(blob)
+                self._image_ids.add(parse_key(key)[0])
+            else:
+                self._bytes += len(blob) - len(old)
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._env.close()
+        self._write_status(complete=True)
+        self._closed = True
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # Keep what was committed, but do not mark the store complete.
+            self.flush()
+            self._env.close()
+            self._closed = True
+
+
+def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
+    """Copy every finished shard of ``out_dir`` into ``records.lmdb``, total the counts, remove the shards.
+
+    Idempotent and restartable: shards are deleted only after the manifest records the merge. A key
+    present in two shards must hold identical bytes (a rebuilt shard of the same teacher does).
+    """
+    out_dir = Path(out_dir)
+    manifest = Manifest.load(out_dir)
+    # A shard is live while its status file exists; merging deletes the status file first, so a
+    # directory without one is what an interrupted clean-up left behind.
+    shards = sorted(p for p in out_dir.glob("shard-*.lmdb") if p.with_suffix(".json").is_file())
+    leftovers = sorted(p for p in out_dir.glob("shard-*.lmdb") if not p.with_suffix(".json").is_file())
+    if not shards:
+        if not manifest.complete:
+            raise StoreError(f"{out_dir}: no shards to merge and the build is not finished; rerun the build")
+        for env_path in leftovers:
+            shutil.rmtree(env_path)
+        return manifest
+    problems = shard_problems(shard_status(out_dir))
+    if problems:
+        raise StoreError(f"{out_dir}: cannot merge: {'; '.join(problems)}. Run those shards' builds, then merge")
+    sink = WritableEnv(out_dir / RECORDS)
+    try:
+        for env_path in shards:
+            batch: list[tuple[bytes, bytes]] = []
+            for key, value in iter_items(open_readonly(env_path)):
+                batch.append((key, bytes(value)))
+                if len(batch) >= chunk:
+                    _merge_batch(sink, batch, env_path)
+                    batch = []
+            _merge_batch(sink, batch, env_path)
+            release(env_path)
+        counts = _empty_counts()
+        image_ids: set[int] = set()
+        for key, size in sink.scan():
+            counts["records"] += 1
+            counts["bytes"] += size
+            image_ids.add(parse_key(key)[0])
+        counts["images"] = len(image_ids)
+    finally:
+        sink.close()
+    manifest.counts = counts
+    manifest.complete = True
+    manifest.save(out_dir)
+    for env_path in shards + leftovers:
+        env_path.with_suffix(".json").unlink(missing_ok=True)
+        shutil.rmtree(env_path)
+    return manifest
+
+
+def _merge_batch(sink: WritableEnv, batch: list[tuple[bytes, bytes]], source: Path) -> None:
+    # Check before writing, so a conflict leaves the first copy in place for the next attempt too.
+    for key, blob in batch:
+        old = sink.get(key)
+        if old is not None and old != blob:
+            raise StoreError(
+                f"record {key.decode()!r} of {source.name} differs from the one already merged; "
+                f"two shards were built differently: rebuild the store"
+            )
+    if batch:
+        sink.put_many(batch)
