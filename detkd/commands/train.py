@@ -59,10 +59,11 @@ def run_eval(args: argparse.Namespace) -> int:
     names = payload.get("class_names")
     if names and names != source.class_names:
         raise DetkdError(f"{args.data}: classes {source.class_names} differ from the checkpoint's {names}")
-    size = args.size or _checkpoint_size(payload)
+    size = args.size or checkpoint_size(payload)
     policy = ViewPolicy(sizes=(size,), flip_prob=0.0)
-    loader = build_loader(ViewedDataset(source, policy, train=False), batch_size=args.batch_size, shuffle=False,
-                          workers=args.workers)
+    loader = build_loader(
+        ViewedDataset(source, policy, train=False), batch_size=args.batch_size, shuffle=False, workers=args.workers
+    )
     device = resolve_device(args.device)
     result = evaluate(detector.to(device), loader, source, device=device)
     print(format_table(result))
@@ -72,7 +73,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_size(payload: dict) -> int:
+def checkpoint_size(payload: dict) -> int:
     recipe = (payload.get("run") or {}).get("recipe") or {}
     sizes = (recipe.get("data") or {}).get("sizes")
     return max(sizes) if sizes else 128
