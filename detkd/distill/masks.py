@@ -44,3 +44,41 @@ def valid_cell_mask(image_sizes: list[tuple[int, int]], stride: int, height: int
     ys = torch.arange(height, device=device)[:, None] * stride
     xs = torch.arange(width, device=device)[None, :] * stride
     return torch.stack([(ys < h) & (xs < w) for h, w in image_sizes])
+
+
+def box_cells(boxes: Tensor, stride: int, height: int, width: int) -> Tensor:
+    """[M, H, W] bool: the cells each box covers on a level (``box_cell_ranges``, box / stride)."""
+    r = box_cell_ranges(boxes, stride, height, width)
+    ys = torch.arange(height, device=boxes.device)[None, :, None]
+    xs = torch.arange(width, device=boxes.device)[None, None, :]
+    x0, y0, x1, y1 = (r[:, i, None, None] for i in range(4))
+    return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+
+
+def box_masks(boxes: list[Tensor], stride: int, height: int, width: int, *, mode: str = "binary") -> Tensor:
+    """[N, H, W] float32 box mask per image of a batch (xyxy canvas-pixel boxes per image).
+
+    mode "binary": 1 on cells covered by any box. mode "inverse_area": 1 / (cells of the box)
+    inside each box, the max where boxes overlap, so the smallest box wins (FGD's fg mask).
+    """
+    if mode not in ("binary", "inverse_area"):
+        raise ValueError(f"box mask mode {mode!r} unknown; choose 'binary' or 'inverse_area'")
+    out = []
+    for b in boxes:
+        cells = box_cells(b.reshape(-1, 4), stride, height, width)
+        if mode == "binary":
+            m = cells.any(dim=0).to(torch.float32)
+        else:
+            area = cells.flatten(1).sum(dim=1).clamp(min=1).to(torch.float32)
+            weighted = cells.to(torch.float32) / area[:, None, None]
+            m = torch.cat([weighted.new_zeros(1, height, width), weighted]).amax(dim=0)  # no boxes -> zeros
+        out.append(m)
+    return torch.stack(out)
+
+
+def gt_boxes(targets: list[dict[str, Tensor]], *, method: str) -> list[Tensor]:
+    """Ground-truth xyxy canvas-pixel boxes [M_i, 4] per image of a batch, detached."""
+    try:
+        return [t["boxes"].detach().reshape(-1, 4) for t in targets]
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{method} needs ground-truth boxes: every target must have 'boxes'") from None
