@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Callable
@@ -164,6 +165,23 @@ class Collate:
         )
 
 
+class SeededSampler(DistributedSampler):
+    """DistributedSampler whose shuffle is seeded by (seed, epoch) jointly.
+
+    torch seeds the shuffle with ``seed + epoch``, so run seed s at epoch e + 1 would see
+    exactly the order of run seed s + 1 at epoch e: "independent" seeds would share orders.
+    """
+
+    def __iter__(self):
+        seed, epoch = self.seed, self.epoch
+        digest = hashlib.sha256(f"{seed}/{epoch}".encode()).digest()
+        self.seed, self.epoch = int.from_bytes(digest[:8], "little") >> 1, 0  # fits manual_seed
+        try:
+            return iter(list(super().__iter__()))  # consumed here, while the mixed seed is set
+        finally:
+            self.seed, self.epoch = seed, epoch
+
+
 def build_loader(
     dataset: ViewedDataset,
     *,
@@ -177,7 +195,7 @@ def build_loader(
 ) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch): call ``set_epoch`` on both
     ``loader.sampler`` and ``loader.dataset`` at the start of every epoch."""
-    sampler = DistributedSampler(
+    sampler = SeededSampler(
         dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     return DataLoader(

@@ -53,27 +53,29 @@ def apply_view(image: Tensor, boxes: Tensor, view: View) -> tuple[Tensor, Tensor
     """
     _, h, w = image.shape
     out_h, out_w = view.output_size(h, w)
-    x = image.to(torch.float32).div_(255.0)
+    # out of place: ``.to`` is a no-op on a float32 input, and an in-place divide would change the caller's image
+    x = image.to(torch.float32) / 255.0
     if (out_h, out_w) != (h, w):
         x = F.interpolate(x[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)[0]
         x = x.clamp_(0.0, 1.0)
-    scale = torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h], dtype=torch.float32)
-    b = boxes.to(torch.float32) * scale
+    b = boxes.to(torch.float32).reshape(-1, 4)  # reshape first: an empty box list may come as shape [0]
+    scale = torch.tensor([out_w / w, out_h / h, out_w / w, out_h / h], dtype=torch.float32, device=b.device)
+    b = b * scale
     if view.flip:
         x = x.flip(-1)
         b = torch.stack([out_w - b[:, 2], b[:, 1], out_w - b[:, 0], b[:, 3]], dim=1)
-    return x.contiguous(), b.reshape(-1, 4)
+    return x.contiguous(), b
 
 
 def boxes_to_original(boxes: Tensor, view: View, orig_size: tuple[int, int]) -> Tensor:
     """Map xyxy boxes predicted in a view's coordinates back to the original image."""
     h, w = orig_size
     out_h, out_w = view.output_size(h, w)
-    b = boxes.to(torch.float32)
+    b = boxes.to(torch.float32).reshape(-1, 4)
     if view.flip:
         b = torch.stack([out_w - b[:, 2], b[:, 1], out_w - b[:, 0], b[:, 3]], dim=1)
     scale = torch.tensor([w / out_w, h / out_h, w / out_w, h / out_h], dtype=torch.float32, device=b.device)
-    return b.reshape(-1, 4) * scale
+    return b * scale
 
 
 @dataclass(frozen=True)

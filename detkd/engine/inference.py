@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.views import boxes_to_original
-from detkd.engine.evaluate import DetectionEvaluator, EvalResult
 from detkd.models.detector import Detector
+
+if TYPE_CHECKING:
+    from detkd.engine.evaluate import EvalResult
 
 
 @torch.no_grad()
@@ -23,6 +27,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """COCO-style evaluation in original image coordinates (views are undone)."""
+    from detkd.engine.evaluate import DetectionEvaluator
     was_training = detector.training
     detector.eval()
     evaluator = DetectionEvaluator(records=source.records, class_names=source.class_names)
