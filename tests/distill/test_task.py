@@ -1,0 +1,147 @@
+"""The distillation task: gradients, level matching, and the guards against silent failure."""
+
+import pytest
+import torch
+
+from detkd.data.loader import Batch
+from detkd.data.views import View
+from detkd.distill.base import DistillMethod, TeacherKnowledge
+from detkd.distill.inherit import inherit_neck_and_heads
+from detkd.distill.task import DistillationTask, build_method, common_levels
+from detkd.distill.teacher import OnlineTeacher
+from detkd.errors import ConfigError, DetkdError
+from detkd.models.builders import build_detector
+
+
+def _batch(n=2, canvas=64):
+    g = torch.Generator().manual_seed(0)
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    return Batch(
+        images=torch.rand(n, 3, canvas, canvas, generator=g),
+        image_sizes=[(canvas, canvas)] * n,
+        targets=targets,
+        image_ids=list(range(n)),
+        views=[View(canvas)] * n,
+        orig_sizes=[(canvas, canvas)] * n,
+        indices=list(range(n)),
+    )
+
+
+def _task(spec_factory, method="fitnet", teacher_family="fcos", **margs):
+    torch.manual_seed(0)
+    student = build_detector(spec_factory("fcos"))
+    teacher = OnlineTeacher(build_detector(spec_factory(teacher_family, fpn_channels=32)))
+    levels = common_levels(student, teacher)
+    m = build_method(method, levels=levels, args=margs)
+    return DistillationTask(student, methods={method: m}, weights={method: 2.0}, teacher=teacher, levels=list(levels))
+
+
+def test_gradients_reach_student_and_adapters_never_teacher(spec_factory):
+    task = _task(spec_factory)
+    task.train()
+    losses = task(_batch())
+    assert {"fitnet.p3", "classification"} <= set(losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in task.methods.parameters())
+    assert task.student.model.backbone.body.conv1.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in task.teacher.detector.parameters())
+    # The teacher is not part of the trainable module: not in parameters() nor in state_dict().
+    assert not any(k.startswith("teacher") for k in task.state_dict())
+
+
+def test_method_weight_scales_terms(spec_factory):
+    task = _task(spec_factory)
+    task.eval()
+    batch = _batch()
+    weighted = task(batch)["fitnet.p3"]
+    feats = task.student.features(batch.images, batch.image_sizes)
+    raw = task.methods["fitnet"]({k: feats[k] for k in task.levels}, task.teacher.knowledge(batch, task.needs), None)
+    torch.testing.assert_close(weighted, 2.0 * raw["fitnet.p3"])
+
+
+def test_teacher_stays_in_eval_mode(spec_factory):
+    task = _task(spec_factory)
+    task.train()
+    task(_batch())
+    assert not task.teacher.detector.training
+
+
+class _Constant(DistillMethod):
+    """Test method returning a constant."""
+
+    def __init__(self, *, levels, value):
+        super().__init__(levels=levels)
+        self.value = value
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, student, teacher, ctx):
+        return {"const": self.scale * self.value}
+
+
+def _const_task(spec_factory, value):
+    torch.manual_seed(0)
+    student = build_detector(spec_factory("fcos"))
+    teacher = OnlineTeacher(build_detector(spec_factory("fcos")))
+    levels = common_levels(student, teacher)
+    return DistillationTask(
+        student, methods={"c": _Constant(levels=levels, value=value)}, weights={}, teacher=teacher, levels=list(levels)
+    )
+
+
+def test_zero_distillation_loss_stops_the_run(spec_factory):
+    task = _const_task(spec_factory, 0.0)
+    batch = _batch()
+    with pytest.raises(DetkdError, match="exactly 0"):
+        for _ in range(25):
+            task(batch)
+
+
+def test_nan_distillation_loss_stops_the_run(spec_factory):
+    task = _const_task(spec_factory, float("nan"))
+    with pytest.raises(DetkdError, match="not finite"):
+        task(_batch())
+
+
+def test_misaligned_teacher_features_are_refused(spec_factory):
+    task = _task(spec_factory)
+
+    class Wrong:
+        levels, strides, channels = task.teacher.levels, task.teacher.strides, task.teacher.channels
+
+        def knowledge(self, batch, needs):
+            return TeacherKnowledge(features={k: torch.zeros(2, 32, 3, 3) for k in self.levels})
+
+    task.__dict__["teacher"] = Wrong()
+    with pytest.raises(DetkdError, match="do not align"):
+        task(_batch())
+
+
+def test_heterogeneous_families_share_common_levels(spec_factory):
+    student = build_detector(spec_factory("retinanet"))
+    teacher = OnlineTeacher(build_detector(spec_factory("fasterrcnn", fpn_channels=32)))
+    levels = common_levels(student, teacher)
+    assert list(levels) == ["p3", "p4", "p5", "p6"]
+    assert all(s.student_channels == 16 and s.teacher_channels == 32 for s in levels.values())
+    with pytest.raises(ConfigError, match="p7"):
+        common_levels(student, teacher, ["p3", "p7"])
+
+
+def test_unknown_method_and_argument_fail_with_names(spec_factory):
+    student = build_detector(spec_factory("fcos"))
+    levels = common_levels(student, OnlineTeacher(build_detector(spec_factory("fcos"))))
+    with pytest.raises(ConfigError, match="unknown distillation method 'fitnett'.*fitnet"):
+        build_method("fitnett", levels=levels, args={})
+    with pytest.raises(ConfigError, match="fitnet.*bogus"):
+        build_method("fitnet", levels=levels, args={"bogus": 1})
+
+
+def test_inherit_copies_neck_and_heads_only(spec_factory):
+    torch.manual_seed(0)
+    student = build_detector(spec_factory("fcos"))
+    teacher = build_detector(spec_factory("fcos", head_convs=2))
+    counts = inherit_neck_and_heads(student, teacher)
+    s, t = student.model.state_dict(), teacher.model.state_dict()
+    assert counts["copied"] > 0
+    assert torch.equal(s["backbone.fpn.layer_blocks.0.0.weight"], t["backbone.fpn.layer_blocks.0.0.weight"])
+    assert torch.equal(s["head.classification_head.cls_logits.weight"], t["head.classification_head.cls_logits.weight"])
+    assert not torch.equal(s["backbone.body.conv1.weight"], t["backbone.body.conv1.weight"])
