@@ -1,3 +1,3 @@
 """Distillation methods; importing this package registers every built-in method."""
 
-from detkd.distill import cwd, defeat, fgd, fitnet, pkd  # noqa: F401  (registration side effects)
+from detkd.distill import cwd, defeat, fgd, fitnet, gkd, pkd, ssim, structured  # noqa: F401  (registration)
