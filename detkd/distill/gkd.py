@@ -189,6 +189,8 @@ class GKD(DistillMethod):
         if temperature <= 0 or channel_temperature <= 0:
             raise ValueError(f"gkd: temperatures must be positive, got {temperature}, {channel_temperature}")
         self.mode = mode
+        if mode == "parity":  # the task then computes the student's own Grad-CAM maps each step
+            self.needs = self.needs | {"student_importance"}
         self.beta, self.alpha, self.lam, self.gamma = float(beta), float(alpha), float(lam), float(gamma)
         self.temperature = float(temperature)
         self.channel_weights = bool(channel_weights)

@@ -84,6 +84,8 @@ class DistillationTask(nn.Module):
             check_shapes(feats, knowledge, self.levels)
         student_feats = {lvl: feats[lvl] for lvl in self.levels}
         ctx = DistillContext(targets=batch.targets, image_sizes=batch.image_sizes, step=self.step)
+        if "student_importance" in self.needs:
+            ctx.extras["student_importance"] = self._student_importance(det_losses, student_feats)
         kd: dict[str, Tensor] = {}
         for name, method in self.methods.items():
             terms = method(student_feats, knowledge, ctx)
@@ -93,6 +95,20 @@ class DistillationTask(nn.Module):
             kd.update({k: w * v for k, v in terms.items()})
         self._guard(kd, det_losses)
         return {**det_losses, **kd}
+
+    @staticmethod
+    def _student_importance(det_losses: dict[str, Tensor], feats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Grad-CAM of the student's own detection loss (GKD's released-code parity mode)."""
+        from detkd.distill.gkd import importance_maps
+
+        grads = torch.autograd.grad(
+            sum(det_losses.values()), list(feats.values()), retain_graph=True, allow_unused=True
+        )
+        grads = {k: torch.zeros_like(f) if g is None else g for (k, f), g in zip(feats.items(), grads, strict=True)}
+        maps, _ = importance_maps(
+            {k: f.detach() for k, f in feats.items()}, grads, channel_mode="abs", activation_mode="abs"
+        )
+        return maps
 
     def _guard(self, kd: dict[str, Tensor], det: dict[str, Tensor]) -> None:
         values = {k: v.detach().float() for k, v in kd.items()}

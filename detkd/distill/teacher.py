@@ -111,5 +111,6 @@ class StoredTeacher:
         if batch.knowledge is None:
             raise RuntimeError("batch carries no stored knowledge: the dataset has no knowledge provider")
         canvas = batch.images.shape[-2:]
-        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}  # conv output sizes round up
+        # Strided convs round up: a level's size is ceil(canvas / stride).
+        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}
         return self.reader.to_knowledge(batch.knowledge, feature_sizes=sizes, device=batch.images.device)

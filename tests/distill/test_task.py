@@ -145,3 +145,20 @@ def test_inherit_copies_neck_and_heads_only(spec_factory):
     assert torch.equal(s["backbone.fpn.layer_blocks.0.0.weight"], t["backbone.fpn.layer_blocks.0.0.weight"])
     assert torch.equal(s["head.classification_head.cls_logits.weight"], t["head.classification_head.cls_logits.weight"])
     assert not torch.equal(s["backbone.body.conv1.weight"], t["backbone.body.conv1.weight"])
+
+
+def test_gkd_online_computes_teacher_importance_and_trains(spec_factory):
+    task = _task(spec_factory, method="gkd")
+    task.train()
+    losses = task(_batch())
+    assert {"gkd.grad", "gkd.fg", "gkd.global"} <= set(losses)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in task.methods.parameters())
+    assert all(p.grad is None for p in task.teacher.detector.parameters())
+
+
+def test_gkd_parity_mode_gets_student_maps_and_carries_no_gradient(spec_factory):
+    task = _task(spec_factory, method="gkd", mode="parity")
+    task.train()
+    losses = task(_batch())
+    assert float(losses["gkd.cam"]) > 0 and not losses["gkd.cam"].requires_grad
