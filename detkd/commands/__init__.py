@@ -1,5 +1,5 @@
 """Subcommands: each module has ``add_parser(subparsers)`` that sets ``func``."""
 
-from detkd.commands import data, distill, export, train
+from detkd.commands import bench, data, demo, distill, export, train
 
-COMMANDS = [data, train, distill, export]
+COMMANDS = [demo, data, train, distill, bench, export]

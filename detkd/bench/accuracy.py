@@ -1,0 +1,108 @@
+"""``detkd bench accuracy``: every method against the student alone, same schedule, several seeds.
+
+Each row is a real training run (recipe + overrides) whose metrics come from its own
+evaluation; the table reports mean and spread (max - min) of AP over seeds, and wall time
+per epoch. Runs already present in the output directory are reused, so an interrupted
+benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from detkd.config import load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # e.g. "student", "fitnet (online)", "fitnet (stored)"
+    method: str | None  # None = the student alone
+    teacher: str | None  # checkpoint or store directory
+
+
+def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
+    from detkd.distill.run import distill
+    from detkd.runner import train
+
+    run_dir = out_dir / f"{row.name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
+    done = run_dir / "metrics.json"
+    if done.is_file() and "AP" in json.loads(done.read_text())["last"]:
+        return json.loads(done.read_text())["last"]
+    extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides]
+    if row.method is not None:
+        extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{{name: {row.method}}}]"]
+    recipe = load_recipe(recipe_path, extra)
+    resume = (run_dir / "last.pt").is_file()
+    if row.method is None:
+        return train(recipe, resume=resume, progress=False)
+    return distill(recipe, resume=resume, progress=False)
+
+
+def summarise(results: dict[str, list[dict]]) -> list[dict]:
+    table = []
+    for name, runs in results.items():
+        aps = [r["AP"] for r in runs if "AP" in r]
+        secs = [r["epoch_seconds"] for r in runs if "epoch_seconds" in r]
+        table.append(
+            {
+                "row": name,
+                "seeds": len(aps),
+                "AP_mean": statistics.mean(aps) if aps else None,
+                "AP_spread": (max(aps) - min(aps)) if len(aps) > 1 else None,
+                "AP_all": aps,
+                "AP50_mean": statistics.mean(r["AP50"] for r in runs) if aps else None,
+                "epoch_seconds_mean": statistics.mean(secs) if secs else None,
+            }
+        )
+    return table
+
+
+def format_table(table: list[dict], *, teacher_ap: float | None = None) -> str:
+    lines = ["| run | seeds | AP mean | AP spread (max-min) | AP50 mean | s/epoch |", "|---|---|---|---|---|---|"]
+    for t in table:
+        spread = "—" if t["AP_spread"] is None else f"{100 * t['AP_spread']:.1f}"
+        mean = "—" if t["AP_mean"] is None else f"{100 * t['AP_mean']:.1f}"
+        ap50 = "—" if t["AP50_mean"] is None else f"{100 * t['AP50_mean']:.1f}"
+        secs = "—" if t["epoch_seconds_mean"] is None else f"{t['epoch_seconds_mean']:.0f}"
+        lines.append(f"| {t['row']} | {t['seeds']} | {mean} | {spread} | {ap50} | {secs} |")
+    if teacher_ap is not None:
+        lines.append(f"\nteacher AP {100 * teacher_ap:.1f} (AP in points, x100)")
+    return "\n".join(lines)
+
+
+def run_accuracy(
+    *,
+    recipe: str,
+    teacher: str,
+    store: str | None,
+    methods: list[str],
+    seeds: list[int],
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+) -> list[dict]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [Row("student", None, None)]
+    rows += [Row(f"{m} (online)", m, teacher) for m in methods]
+    if store:
+        rows += [Row(f"{m} (stored)", m, store) for m in methods]
+    results: dict[str, list[dict]] = {}
+    for seed in seeds:  # seed-major: a partial benchmark already has every row once
+        for row in rows:
+            log.info("bench accuracy: %s, seed %d", row.name, seed)
+            try:
+                metrics = run_row(row, recipe_path=recipe, seed=seed, out_dir=out, overrides=overrides or [])
+            except Exception as exc:  # one method failing must not lose the others' numbers
+                log.error("%s seed %d failed: %s", row.name, seed, exc)
+                metrics = {"error": str(exc)}
+            results.setdefault(row.name, []).append(metrics)
+            table = summarise(results)
+            (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": results}, indent=2, default=str))
+            (out / "accuracy.md").write_text(format_table(table))
+    return summarise(results)

@@ -1,0 +1,219 @@
+"""``detkd bench speed``: stored vs online distillation vs the student alone, side by side.
+
+Every figure is a ratio of two measurements taken in the same process, interleaved in rounds
+(student, online, stored, student, ...), so machine load drifts affect all modes alike.
+Weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from detkd.data.formats.detect import open_source
+from detkd.data.loader import ViewedDataset, build_loader
+from detkd.data.synthetic import generate_synthetic
+from detkd.data.views import ViewPolicy
+from detkd.distill.task import DistillationTask, build_method, common_levels
+from detkd.distill.teacher import OnlineTeacher, StoredTeacher
+from detkd.engine.optim import build_optimizer
+from detkd.engine.tasks import DetectionTask
+from detkd.models.builders import DetectorSpec, build_detector
+from detkd.models.checkpoint import save_checkpoint
+from detkd.store.build import build_store
+from detkd.store.reader import StoreReader, store_info
+from detkd.store.select import SelectionPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeedScale:
+    images: int
+    size: int
+    batch_size: int
+    rounds: int
+    steps_per_round: int
+    student: DetectorSpec
+    teacher: DetectorSpec
+
+
+def cpu_scale(quick: bool) -> SpeedScale:
+    """DESIGN.md's CPU benchmark scale: FCOS R18/FPN-64 student, R50/FPN-128 teacher, 128 px."""
+    student = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=64, head_convs=2)
+    teacher = DetectorSpec(family="fcos", backbone="resnet50", num_classes=6, fpn_channels=128, head_convs=4)
+    if quick:
+        return SpeedScale(64, 128, 8, 3, 4, student, teacher)
+    return SpeedScale(256, 128, 8, 5, 8, student, teacher)
+
+
+def run_speed(*, out_dir: str | Path, quick: bool = False, method: str = "fitnet", workers: int = 2) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scale = cpu_scale(quick)
+    data_dir = out / "data"
+    if not (data_dir / "annotations" / "train.json").is_file():
+        generate_synthetic(data_dir, num_train=scale.images, num_val=8, image_size=scale.size, seed=0)
+    source = open_source(data_dir, format="coco", split="train")
+    policy = ViewPolicy(sizes=(scale.size,), flip_prob=0.5)
+    torch.manual_seed(0)
+    teacher = build_detector(scale.teacher)
+    ckpt = out / "teacher.pt"
+    save_checkpoint(ckpt, teacher, class_names=source.class_names)
+    results: dict = {
+        "scale": {
+            "images": scale.images,
+            "size": scale.size,
+            "batch_size": scale.batch_size,
+            "student": scale.student.to_dict(),
+            "teacher": scale.teacher.to_dict(),
+            "method": method,
+            "threads": torch.get_num_threads(),
+            "workers": workers,
+        }
+    }
+
+    # Teacher inference throughput (features only, as a store build needs) vs store build throughput.
+    infer_ips = _teacher_inference_ips(teacher, source, policy, scale)
+    store_dir = out / "store"
+    if store_dir.exists():
+        import shutil
+
+        shutil.rmtree(store_dir)
+    t0 = time.perf_counter()
+    manifest = build_store(
+        teacher_checkpoint=ckpt,
+        source=source,
+        policy=SelectionPolicy(name="nms-ksd"),
+        views=policy.all_views(),
+        canvas=policy.canvas,
+        out_dir=store_dir,
+        batch_size=scale.batch_size,
+        workers=workers,
+        progress=False,
+    )
+    build_seconds = time.perf_counter() - t0
+    records = manifest.counts["records"]
+    results["teacher_inference_image_views_per_s"] = infer_ips
+    results["store_build_image_views_per_s"] = records / build_seconds
+    results["build_over_teacher_inference_throughput_ratio"] = (records / build_seconds) / infer_ips
+    info = store_info(store_dir)
+    results["store_bytes_per_image_view"] = info["bytes_per_image_view"]
+    results["dense_fp16_bytes_per_image_view"] = info["dense_fp16_bytes_per_view"]
+    results["nmsksd_over_dense_size_ratio"] = info["ratio_to_dense"]
+
+    # Training step times, interleaved.
+    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    results["step_seconds_median"] = med
+    results["step_seconds_all"] = times
+    results["online_over_student_step_ratio"] = med["online"] / med["student"]
+    results["stored_over_student_step_ratio"] = med["stored"] / med["student"]
+    results["stored_over_online_step_ratio"] = med["stored"] / med["online"]
+
+    # Reader throughput vs what a stored-distillation step consumes.
+    reader_rps = _reader_throughput(store_dir)
+    consumed = scale.batch_size / med["stored"]
+    results["reader_records_per_s"] = reader_rps
+    results["training_records_consumed_per_s"] = consumed
+    results["reader_over_training_consumption_ratio"] = reader_rps / consumed
+    return results
+
+
+def _teacher_inference_ips(teacher, source, policy, scale) -> float:
+    loader = build_loader(ViewedDataset(source, policy, train=False), batch_size=scale.batch_size, shuffle=False)
+    batches = list(loader)
+    teacher.eval()
+    with torch.no_grad():
+        teacher.features(batches[0].images, batches[0].image_sizes)  # warm-up
+        t0 = time.perf_counter()
+        n = 0
+        for b in batches:
+            teacher.features(b.images, b.image_sizes)
+            n += len(b)
+    return n / (time.perf_counter() - t0)
+
+
+def _make_task(mode: str, scale, teacher, reader):
+    torch.manual_seed(0)
+    student = build_detector(scale.student)
+    if mode == "student":
+        return DetectionTask(student)
+    source = OnlineTeacher(teacher) if mode == "online" else StoredTeacher(reader)
+    levels = common_levels(student, source)
+    method = build_method("fitnet", levels=levels, args={})
+    return DistillationTask(student, methods={"fitnet": method}, weights={}, teacher=source, levels=list(levels))
+
+
+def _step_times(scale, source, policy, teacher, store_dir, *, method: str, workers: int) -> dict[str, list[float]]:
+    reader = StoreReader(store_dir)
+    modes = {}
+    for mode in ("student", "online", "stored"):
+        task = _make_task(mode, scale, teacher, reader)
+        if mode == "stored":
+            ds = ViewedDataset(
+                source, policy, train=True, seed=0, view_provider=reader.view_provider(), knowledge_provider=reader.read
+            )
+        else:
+            ds = ViewedDataset(source, policy, train=True, seed=0)
+        loader = build_loader(ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True)
+        opt = build_optimizer(task, name="sgd", lr=0.001)
+        modes[mode] = (task, loader, opt)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
+        for mode, (task, loader, opt) in modes.items():
+            task.train()
+            it = iter(loader)
+            for _ in range(scale.steps_per_round):
+                t0 = time.perf_counter()
+                batch = next(it)
+                loss = sum(task(batch).values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if r > 0:
+                    times[mode].append(time.perf_counter() - t0)
+            del it
+    return times
+
+
+def _reader_throughput(store_dir: Path) -> float:
+    reader = StoreReader(store_dir)
+    keys = list(reader.keys())
+    t0 = time.perf_counter()
+    for key in keys:
+        reader.read_arrays(key)
+    return len(keys) / (time.perf_counter() - t0)
+
+
+def write_results(results: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results, indent=2))
+
+
+def format_results(r: dict) -> str:
+    med = r["step_seconds_median"]
+    lines = [
+        f"scale: {r['scale']['images']} synthetic images, {r['scale']['size']} px, batch {r['scale']['batch_size']}, "
+        f"student FCOS {r['scale']['student']['backbone']}/FPN-{r['scale']['student']['fpn_channels']}, "
+        f"teacher FCOS {r['scale']['teacher']['backbone']}/FPN-{r['scale']['teacher']['fpn_channels']}, "
+        f"method {r['scale']['method']}",
+        f"step time (median s): student {med['student']:.4f}  online {med['online']:.4f}  stored {med['stored']:.4f}",
+        f"  stored / student   {r['stored_over_student_step_ratio']:.3f}   (goal <= 1.05)",
+        f"  online / student   {r['online_over_student_step_ratio']:.3f}",
+        f"  stored / online    {r['stored_over_online_step_ratio']:.3f}",
+        f"store size: {r['store_bytes_per_image_view']:.0f} B per image-view vs dense fp16 "
+        f"{r['dense_fp16_bytes_per_image_view']:.0f} B: ratio {r['nmsksd_over_dense_size_ratio']:.4f} (goal <= 0.01)",
+        f"build throughput {r['store_build_image_views_per_s']:.1f} image-views/s vs teacher inference "
+        f"{r['teacher_inference_image_views_per_s']:.1f}: "
+        f"ratio {r['build_over_teacher_inference_throughput_ratio']:.3f} (goal >= 0.9)",
+        f"reader {r['reader_records_per_s']:.0f} records/s vs training consumption "
+        f"{r['training_records_consumed_per_s']:.1f}/s: ratio {r['reader_over_training_consumption_ratio']:.1f} "
+        "(goal >= 20)",
+    ]
+    return "\n".join(lines)

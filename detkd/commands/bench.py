@@ -1,0 +1,54 @@
+"""``detkd bench speed`` and ``detkd bench accuracy``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measured speed and accuracy benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+
+    s = bsub.add_parser("speed", help="stored vs online distillation vs student alone, store size and throughput")
+    s.add_argument("--quick", action="store_true", help="CPU scale in a few minutes (fewer images and steps)")
+    s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
+    s.add_argument("--json", default=None, help="write the figures to this JSON file")
+    s.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    s.set_defaults(func=run_speed_cmd)
+
+    a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
+    a.add_argument("--recipe", required=True, help="student recipe YAML")
+    a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
+    a.add_argument("--store", default=None, help="knowledge store (adds stored rows for sparse-capable methods)")
+    a.add_argument("--methods", nargs="+", default=["fitnet"])
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    a.add_argument("--out", default="runs/bench-accuracy")
+    a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
+    a.set_defaults(func=run_accuracy_cmd)
+
+
+def run_speed_cmd(args: argparse.Namespace) -> int:
+    from detkd.bench.speed import format_results, run_speed, write_results
+
+    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers)
+    print(format_results(results))
+    if args.json:
+        write_results(results, args.json)
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def run_accuracy_cmd(args: argparse.Namespace) -> int:
+    from detkd.bench.accuracy import format_table, run_accuracy
+
+    table = run_accuracy(
+        recipe=args.recipe,
+        teacher=args.teacher,
+        store=args.store,
+        methods=args.methods,
+        seeds=args.seeds,
+        out_dir=args.out,
+        overrides=args.overrides,
+    )
+    print(format_table(table))
+    return 0
