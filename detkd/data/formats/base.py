@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -39,6 +40,16 @@ class DetectionSource:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def fingerprint(self) -> str:
+        """sha256 over every record (id, file name, size, boxes, labels): a store built on other data
+        (or another split) is refused."""
+        h = hashlib.sha256()
+        for r in sorted(self.records, key=lambda r: r.image_id):
+            h.update(f"{r.image_id}|{Path(r.file).name}|{r.height}|{r.width}|".encode())
+            h.update(r.boxes.to(torch.float32).contiguous().numpy().tobytes())
+            h.update(r.labels.to(torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def load(self, index: int) -> Sample:
         record = self.records[index]
