@@ -111,16 +111,18 @@ def plot_run(run_dir: str | Path) -> Path:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
-    if series:
+    if ax_loss.lines:
         ax_loss.legend(fontsize=6, ncol=2)
+    plotted = False
     for key in ("AP", "AP50"):
         pts = [(m["epoch"] + 1, m[key]) for m in metrics if key in m]
         if pts:
             ax_map.plot(*zip(*pts, strict=True), marker="o", label=key)
+            plotted = True
     ax_map.set_xlabel("epoch")
     ax_map.set_ylabel("mAP")
     ax_map.set_ylim(bottom=0)
-    if metrics:
+    if plotted:
         ax_map.legend()
     fig.suptitle(run_dir.name)
     fig.tight_layout()
