@@ -58,6 +58,9 @@ class VocSource(DetectionSource):
                 if name not in label_of:
                     problems.add("unknown category", file, f"object class {name!r} not in {class_names}, skipped")
                     continue
+                if box[2] <= box[0] or box[3] <= box[1]:  # a point or a line: an annotation slip
+                    problems.add("empty box", file, f"{name} box {box} has zero width or height, skipped")
+                    continue
                 # VOC boxes are 1-based inclusive pixel indices.
                 xyxy = [box[0] - 1, box[1] - 1, box[2], box[3]]
                 (ignore if difficult else boxes).append(xyxy)
