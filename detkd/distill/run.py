@@ -39,6 +39,13 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
         raise ConfigError("distill.teacher is not set: give a teacher checkpoint or a store directory (teacher=PATH)")
     if not cfg.methods:
         raise ConfigError("no distillation method given: method=NAME (see `detkd distill --help`)")
+    from detkd.distill.base import METHODS
+
+    for m in cfg.methods:  # fail on a typo before any data or model is loaded
+        if m.name not in METHODS:
+            raise ConfigError(f"unknown distillation method {m.name!r}; available: {', '.join(METHODS.names())}")
+    if not Path(cfg.teacher).exists():
+        raise ConfigError(f"{cfg.teacher}: teacher checkpoint or store not found")
     rank, world, local = distributed_context()
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
