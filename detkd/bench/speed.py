@@ -28,6 +28,7 @@ from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
 from detkd.store.reader import StoreReader, store_info
+from detkd.store.replay import providers
 from detkd.store.select import SelectionPolicy
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,8 @@ def _step_times(scale, source, policy, teacher, store_dir, *, method: str, worke
     for mode in ("student", "online", "stored"):
         task = _make_task(mode, scale, teacher, reader)
         if mode == "stored":
-            ds = ViewedDataset(
-                source, policy, train=True, seed=0, view_provider=reader.view_provider(), knowledge_provider=reader.read
-            )
+            views, knowledge = providers(reader, source)
+            ds = ViewedDataset(source, policy, train=True, seed=0, view_provider=views, knowledge_provider=knowledge)
         else:
             ds = ViewedDataset(source, policy, train=True, seed=0)
         loader = build_loader(ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True)

@@ -1,5 +1,5 @@
 """Subcommands: each module has ``add_parser(subparsers)`` that sets ``func``."""
 
-from detkd.commands import bench, data, demo, distill, export, train
+from detkd.commands import bench, data, demo, distill, export, store, train
 
-COMMANDS = [demo, data, train, distill, bench, export]
+COMMANDS = [demo, data, train, distill, store, bench, export]

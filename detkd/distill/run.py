@@ -57,20 +57,21 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
 
     train_dataset = None
     if is_store(cfg.teacher):
+        from detkd.store.build import read_build_info
         from detkd.store.reader import StoreReader
+        from detkd.store.replay import check_store_for_run, providers
 
         reader = StoreReader(cfg.teacher)
-        reader.manifest.check_compatible_run(
-            dataset_fingerprint=bundle.train_source.fingerprint(), detector=student, policy=bundle.policy
-        )
+        check_store_for_run(reader, source=bundle.train_source, policy=bundle.policy)
         teacher = StoredTeacher(reader)
+        view_provider, knowledge_provider = providers(reader, bundle.train_source)
         train_dataset = ViewedDataset(
             bundle.train_source,
             bundle.policy,
             train=True,
             seed=recipe.train.seed,
-            view_provider=reader.view_provider(),
-            knowledge_provider=reader.read,
+            view_provider=view_provider,
+            knowledge_provider=knowledge_provider,
         )
         if cfg.inherit:
             raise ConfigError("distill.inherit needs the teacher's weights; it cannot be used with a store")
@@ -78,8 +79,10 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             stored=True,
             teacher_hash=reader.manifest.teacher_hash,
             inherit=False,
-            teacher_ap=reader.manifest.extra.get("teacher_ap"),
+            teacher_ap=read_build_info(cfg.teacher).get("teacher_ap"),
         )
+        if run_info["teacher_ap"] is not None:
+            log.info("stored teacher's AP (measured at build time): %.4f", run_info["teacher_ap"])
     else:
         teacher_det, payload = load_detector(cfg.teacher, spec=cfg.teacher_model)
         names = payload.get("class_names")
@@ -102,7 +105,9 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
         methods[m.name] = build_method(m.name, levels=levels, args=m.args)
         weights[m.name] = m.weight
     if isinstance(teacher, StoredTeacher):
-        teacher.reader.check_methods(methods)
+        from detkd.store.replay import check_methods
+
+        check_methods(teacher.reader, methods)
     task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)

@@ -113,4 +113,24 @@ class StoredTeacher:
         canvas = batch.images.shape[-2:]
         # Strided convs round up: a level's size is ceil(canvas / stride).
         sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}
-        return self.reader.to_knowledge(batch.knowledge, feature_sizes=sizes, device=batch.images.device)
+        knowledge = self.reader.to_knowledge(batch.knowledge, feature_shapes=sizes, device=batch.images.device)
+        if "importance" in needs:
+            knowledge.importance, knowledge.channel_importance = _stored_importance(batch, sizes)
+        return knowledge
+
+
+def _stored_importance(batch: Batch, sizes: dict[str, tuple[int, int]]):
+    """GKD maps kept by a store built with --importance (extras "gi" [1, h, w] and "gc" [C])."""
+    spatial, channel = {}, {}
+    device = batch.images.device
+    for lvl, (h, w) in sizes.items():
+        recs = [r[lvl] for r in batch.knowledge]
+        if any("gi" not in r.extras for r in recs):
+            raise RuntimeError(f"store records lack importance maps for level {lvl}: build with --importance")
+        out = torch.zeros(len(recs), 1, h, w, device=device)
+        for i, r in enumerate(recs):
+            gi = r.extras["gi"].float()
+            out[i, :, : gi.shape[-2], : gi.shape[-1]] = gi.to(device)
+        spatial[lvl] = out
+        channel[lvl] = torch.stack([r.extras["gc"].float() for r in recs]).to(device)
+    return spatial, channel

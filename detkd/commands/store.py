@@ -1,0 +1,153 @@
+"""``detkd store build | merge | info | verify``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="build and inspect knowledge stores (the teacher runs once)")
+    ssub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+
+    b = ssub.add_parser("build", help="run the teacher over the training set and store its selected knowledge")
+    b.add_argument("--teacher", required=True, help="teacher checkpoint")
+    b.add_argument("--data", required=True, help="data set directory or annotation file")
+    b.add_argument("--format", default=None)
+    b.add_argument("--split", default="train")
+    b.add_argument("--size", type=int, nargs="+", default=[128], help="training scale(s): longer image side")
+    b.add_argument("--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd")
+    b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense")
+    b.add_argument("--top-k", type=int, default=None, help="cells kept per level (default: 384 // stride)")
+    b.add_argument("--density", type=float, default=None, help="cap cells per level at this fraction of valid cells")
+    b.add_argument("--kernel", type=int, default=3, help="NMS window (k x k)")
+    b.add_argument("--threshold", type=float, default=0.0, help="relative saliency threshold")
+    b.add_argument("--channel-group", type=int, default=4, help="grouped channel max pooling C -> C/r (1 = off)")
+    b.add_argument("--views", choices=["both", "noflip"], default="both", help="store both flips (default)")
+    b.add_argument(
+        "--mirror-flips",
+        action="store_true",
+        help="store unflipped views only and serve flips by mirroring cells (approximate, smaller)",
+    )
+    b.add_argument("--importance", action="store_true", help="also store GKD gradient-importance maps (dense)")
+    b.add_argument("--shard", type=int, default=None, help="build shard i of --num-shards (one process each)")
+    b.add_argument("--num-shards", type=int, default=None)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--out", required=True, help="store directory (re-running the command resumes a build)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=run_build)
+
+    m = ssub.add_parser("merge", help="merge the shards of a split build into one record file")
+    m.add_argument("store")
+    m.set_defaults(func=run_merge)
+
+    i = ssub.add_parser("info", help="what a store holds: size per image-view against dense maps, views, teacher")
+    i.add_argument("store")
+    i.set_defaults(func=run_info)
+
+    v = ssub.add_parser("verify", help="re-read every record and check its checksum and the manifest counts")
+    v.add_argument("store")
+    v.set_defaults(func=run_verify)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from detkd.data.formats.detect import open_source
+    from detkd.data.views import ViewPolicy
+    from detkd.errors import ConfigError
+    from detkd.runner import resolve_device
+    from detkd.store.build import build_store
+    from detkd.store.select import SelectionPolicy
+
+    if (args.shard is None) != (args.num_shards is None):
+        raise ConfigError("--shard and --num-shards go together")
+    per_level = {}
+    for item in filter(None, args.per_level.split(",")):
+        level, _, mode = item.partition("=")
+        per_level[level.strip()] = mode.strip()
+    policy = SelectionPolicy(
+        name=args.policy,
+        per_level=per_level,
+        kernel=args.kernel,
+        threshold=args.threshold,
+        top_k=args.top_k,
+        density=args.density,
+        channel_group=args.channel_group,
+    )
+    source = open_source(args.data, format=args.format, split=args.split)
+    views = ViewPolicy(sizes=tuple(args.size), flip_prob=0.5 if args.views == "both" else 0.0)
+    manifest = build_store(
+        teacher_checkpoint=args.teacher,
+        source=source,
+        policy=policy,
+        views=views.all_views(),
+        canvas=views.canvas,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        with_importance=args.importance,
+        mirror_flips=args.mirror_flips,
+        progress=not args.no_progress,
+        device=resolve_device(args.device),
+    )
+    print(f"store {args.out}: {manifest.counts['records']} records of {manifest.counts['images']} images")
+    if args.shard is None:
+        run_info(argparse.Namespace(store=args.out))
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from detkd.store.writer import merge_shards
+
+    manifest = merge_shards(args.store)
+    print(f"merged {args.store}: {manifest.counts['records']} records")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from detkd.store.build import read_build_info
+    from detkd.store.reader import store_info
+
+    info = store_info(args.store)
+    build = read_build_info(args.store)
+    print(
+        f"store {info['path']} (format v{info['format_version']}, {'complete' if info['complete'] else 'INCOMPLETE'})"
+    )
+    print(
+        f"  teacher sha256 {info['teacher_hash'][:16]}...  {info['architecture'].get('family')}/"
+        f"{info['architecture'].get('backbone')} FPN-{info['architecture'].get('fpn_channels')}"
+        + (f", AP {build['teacher_ap']:.4f}" if build.get("teacher_ap") is not None else "")
+    )
+    print(
+        f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "
+        f"per-level {info['policy'].get('per_level') or {}}"
+    )
+    print(f"  views {', '.join(info['views'])}")
+    print(
+        "  levels "
+        + ", ".join(
+            f"{lv} (stride {d['stride']}, {d['channels']} ch, {d['feature_shape'][0]}x{d['feature_shape'][1]})"
+            for lv, d in info["levels"].items()
+        )
+    )
+    print(
+        f"  {info['images']} images, {info['records']} image-views, {info['record_bytes']} record bytes, "
+        f"{info['disk_bytes']} bytes on disk"
+    )
+    print(
+        f"  bytes per image-view: {info['bytes_per_image_view']:.0f} stored vs {info['dense_fp16_bytes_per_view']} "
+        f"dense fp16 FPN maps = {100 * info['ratio_to_dense']:.2f} %"
+    )
+    if build.get("image_views_per_second"):
+        print(f"  last build: {build['built_now']} image-views at {build['image_views_per_second']:.1f}/s")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from detkd.store.reader import verify_store
+
+    report = verify_store(args.store)
+    print(report.summary())
+    return 0 if report.ok else 1
