@@ -85,3 +85,69 @@ def test_errors_name_the_problem(tmp_path, synth, capsys):
     assert "nope.pt: teacher checkpoint or store not found" in capsys.readouterr().err
     assert main(["distill", str(student), "method=fitnett", f"teacher={tmp_path / 'nope.pt'}"]) == 2
     assert "unknown distillation method 'fitnett'" in capsys.readouterr().err
+
+
+def test_store_build_info_verify_and_stored_distill_without_teacher(tmp_path, synth, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["train", str(_recipe(tmp_path, synth, teacher)), "--no-progress"]) == 0
+    ckpt = tmp_path / "t.pt"
+    (teacher / "last.pt").rename(ckpt)
+    store = tmp_path / "store"
+    assert (
+        main(
+            [
+                "store",
+                "build",
+                "--teacher",
+                str(ckpt),
+                "--data",
+                str(synth),
+                "--size",
+                "64",
+                "--workers",
+                "0",
+                "--out",
+                str(store),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "16 image-views" in out and "dense fp16 FPN maps" in out
+    assert main(["store", "verify", str(store)]) == 0
+    ckpt.unlink()  # stored distillation needs no teacher model at all
+    student = tmp_path / "student"
+    assert (
+        main(["distill", str(_recipe(tmp_path, synth, student)), "method=fitnet", f"teacher={store}", "--no-progress"])
+        == 0
+    )
+    assert "stored teacher: True" in capsys.readouterr().out
+    # Methods that need whole maps are refused before training on a sparse store.
+    assert (
+        main(
+            [
+                "distill",
+                str(_recipe(tmp_path, synth, tmp_path / "s2")),
+                "method=ssim",
+                f"teacher={store}",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "'ssim' needs whole teacher feature maps" in capsys.readouterr().err
+    # One flipped byte in one record is caught by verify.
+    import lmdb
+
+    from detkd.store.lmdb_env import release
+
+    release(store / "records.lmdb")  # this process still holds the read-only handle (lmdb opens once)
+    env = lmdb.open(str(store / "records.lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor()))
+        damaged = bytearray(value)
+        damaged[-1] ^= 0xFF
+        txn.put(key, bytes(damaged))
+    env.close()
+    assert main(["store", "verify", str(store)]) == 1

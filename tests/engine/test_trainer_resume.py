@@ -16,8 +16,19 @@ def _trainer(source, spec, out, *, seed=3):
     policy = ViewPolicy(sizes=(64, 48), flip_prob=0.5)  # multi-scale + flips: views must replay on resume
     loader = build_loader(ViewedDataset(source, policy, train=True, seed=seed), batch_size=2, shuffle=True, seed=seed)
     return Trainer(
-        DetectionTask(det), train_loader=loader, val_loader=None, val_source=None, class_names=source.class_names,
-        out_dir=out, epochs=3, lr=0.01, warmup_iters=2, schedule="step", milestones=[2], seed=seed, progress=False,
+        DetectionTask(det),
+        train_loader=loader,
+        val_loader=None,
+        val_source=None,
+        class_names=source.class_names,
+        out_dir=out,
+        epochs=3,
+        lr=0.01,
+        warmup_iters=2,
+        schedule="step",
+        milestones=[2],
+        seed=seed,
+        progress=False,
     )
 
 
