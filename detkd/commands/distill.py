@@ -78,5 +78,6 @@ def run_distill(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, expand_shorthands(args.overrides))
     metrics = distill(recipe, resume=args.resume, progress=not args.no_progress)
     print_summary(metrics, recipe.train.out)
-    print(f"stored teacher: {metrics.get('stored')}  inheriting init: {metrics.get('inherit')}")
+    if metrics:
+        print(f"stored teacher: {metrics.get('stored')}  inheriting init: {metrics.get('inherit')}")
     return 0

@@ -39,6 +39,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def print_summary(metrics: dict, out: str) -> None:
+    if not metrics:  # a non-main DDP rank: rank 0 reports
+        return
     keys = ("AP", "AP50", "AP75", "voc_map50")
     shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
     print(f"done: {shown}  (run directory: {out})")

@@ -35,6 +35,7 @@ def inherit_neck_and_heads(student: Detector, teacher: Detector) -> dict[str, in
             else:
                 tensor.copy_(t_state[name])
                 copied += 1
-    log.info("inherited %d teacher tensors (neck and heads); %d shape mismatches, %d absent", copied, mismatched,
-             absent)
+    log.info(
+        "inherited %d teacher tensors (neck and heads); %d shape mismatches, %d absent", copied, mismatched, absent
+    )
     return {"copied": copied, "shape_mismatch": mismatched, "absent": absent}

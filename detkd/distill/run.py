@@ -120,8 +120,9 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     if resume:
         trainer.resume()
     metrics = trainer.fit(stop_after=stop_after)
-    metrics["inherit"] = run_info.get("inherit")
-    metrics["stored"] = run_info.get("stored")
+    if metrics:  # rank 0 only
+        metrics["inherit"] = run_info.get("inherit")
+        metrics["stored"] = run_info.get("stored")
     return metrics
 
 

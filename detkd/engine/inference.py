@@ -28,6 +28,7 @@ def evaluate(
 ) -> EvalResult:
     """COCO-style evaluation in original image coordinates (views are undone)."""
     from detkd.engine.evaluate import DetectionEvaluator
+
     was_training = detector.training
     detector.eval()
     evaluator = DetectionEvaluator(records=source.records, class_names=source.class_names)

@@ -113,8 +113,8 @@ class Trainer:
         if self.world_size <= 1:
             return task
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Methods may skip some parameters on some steps (e.g. a level with no boxes).
-        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
+        # Methods keep every module in the graph (a zero loss stays attached), so no unused-parameter scan.
+        return nn.parallel.DistributedDataParallel(task, device_ids=ids, find_unused_parameters=False)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _train_state(self, epoch: int) -> dict:
@@ -194,7 +194,7 @@ class Trainer:
         finally:
             if logger is not None:
                 logger.close()
-        return final
+        return final if self.is_main else {}
 
     def _end_epoch(self, epoch: int, metrics: dict, logger: RunLogger) -> None:
         ap = metrics.get("AP")
