@@ -151,3 +151,11 @@ def test_store_build_info_verify_and_stored_distill_without_teacher(tmp_path, sy
         txn.put(key, bytes(damaged))
     env.close()
     assert main(["store", "verify", str(store)]) == 1
+
+
+def test_demo_quick_runs_the_whole_story(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert {"teacher", "student", "store", "student_stored"} <= set(summary)
+    assert 0 < summary["store"]["ratio_to_dense"] < 0.1
+    assert "student distilled from the store" in capsys.readouterr().out
