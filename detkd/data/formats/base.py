@@ -62,6 +62,41 @@ class DetectionSource:
         return Sample(image=image, record=record)
 
 
+def make_record(
+    *,
+    image_id: int,
+    file: Path,
+    height: int,
+    width: int,
+    boxes: list[list[float]],
+    labels: list[int],
+    problems: ProblemLog,
+    ignore: list[list[float]] = (),
+    ignore_labels: list[int] = (),
+    report_file: str | Path | None = None,
+) -> Record:
+    """A Record from plain lists: training boxes validated by ``clean_boxes`` (problems reported
+    against ``report_file``, the annotation file, or the image), ignore regions kept as given."""
+    b, lab = clean_boxes(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(labels, dtype=torch.int64),
+        width,
+        height,
+        report_file or file,
+        problems,
+    )
+    return Record(
+        image_id=image_id,
+        file=file,
+        height=height,
+        width=width,
+        boxes=b,
+        labels=lab,
+        ignore=torch.tensor(list(ignore), dtype=torch.float32).reshape(-1, 4),
+        ignore_labels=torch.tensor(list(ignore_labels), dtype=torch.int64),
+    )
+
+
 def clean_boxes(
     boxes: Tensor, labels: Tensor, width: int, height: int, file: str | Path, problems: ProblemLog
 ) -> tuple[Tensor, Tensor]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from detkd.data.formats.base import FORMATS, DetectionSource, clean_boxes
+from detkd.data.formats.base import FORMATS, DetectionSource, make_record
 from detkd.data.formats.voc import stable_image_id
-from detkd.data.sample import ProblemLog, Record
+from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -58,25 +56,19 @@ class CityscapesSource(DetectionSource):
                 else:
                     boxes.append(box)
                     labels.append(label_of[base])
-            b, lab = clean_boxes(
-                torch.tensor(boxes).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64),
-                width,
-                height,
-                ann,
-                problems,
-            )
             key = f"{ann.parent.name}/{stem}"
             records.append(
-                Record(
+                make_record(
                     image_id=stable_image_id(key),
                     file=file,
                     height=height,
                     width=width,
-                    boxes=b,
-                    labels=lab,
-                    ignore=torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
-                    ignore_labels=torch.tensor(ignore_labels, dtype=torch.int64),
+                    boxes=boxes,
+                    labels=labels,
+                    ignore=ignore,
+                    ignore_labels=ignore_labels,
+                    problems=problems,
+                    report_file=ann,
                 )
             )
         super().__init__(records, list(CITYSCAPES_CLASSES), problems)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from detkd.data.formats.base import FORMATS, DetectionSource, clean_boxes
-from detkd.data.sample import ProblemLog, Record
+from detkd.data.formats.base import FORMATS, DetectionSource, make_record
+from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 
@@ -58,24 +56,17 @@ class CocoSource(DetectionSource):
                 target = (ignore, ignore_labels) if ann.get("iscrowd", 0) else (boxes, labels)
                 target[0].append([x, y, x + w, y + h])
                 target[1].append(label_of[cid])
-            b, lab = clean_boxes(
-                torch.tensor(boxes).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64),
-                width,
-                height,
-                file,
-                problems,
-            )
             records.append(
-                Record(
+                make_record(
                     image_id=image_id,
                     file=file,
                     height=height,
                     width=width,
-                    boxes=b,
-                    labels=lab,
-                    ignore=torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
-                    ignore_labels=torch.tensor(ignore_labels, dtype=torch.int64),
+                    boxes=boxes,
+                    labels=labels,
+                    ignore=ignore,
+                    ignore_labels=ignore_labels,
+                    problems=problems,
                 )
             )
         known = seen

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from detkd.data.formats.base import FORMATS, DetectionSource, clean_boxes
+from detkd.data.formats.base import FORMATS, DetectionSource, make_record
 from detkd.data.formats.voc import stable_image_id
 from detkd.data.images import image_size
-from detkd.data.sample import ProblemLog, Record
+from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
@@ -65,24 +63,18 @@ class KittiSource(DetectionSource):
                     labels.append(label_of[parts[0]])
                 else:
                     problems.add("unknown category", label_file, f"line {n}: class {parts[0]!r}, skipped")
-            b, lab = clean_boxes(
-                torch.tensor(boxes).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64),
-                width,
-                height,
-                label_file,
-                problems,
-            )
             records.append(
-                Record(
+                make_record(
                     image_id=stable_image_id(stem),
                     file=file,
                     height=height,
                     width=width,
-                    boxes=b,
-                    labels=lab,
-                    ignore=torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
-                    ignore_labels=torch.zeros(len(ignore), dtype=torch.int64),
+                    boxes=boxes,
+                    labels=labels,
+                    ignore=ignore,
+                    ignore_labels=[0] * len(ignore),
+                    problems=problems,
+                    report_file=label_file,
                 )
             )
         super().__init__(records, list(KITTI_CLASSES), problems)

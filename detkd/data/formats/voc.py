@@ -6,10 +6,8 @@ import hashlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import torch
-
-from detkd.data.formats.base import FORMATS, DetectionSource, clean_boxes
-from detkd.data.sample import ProblemLog, Record
+from detkd.data.formats.base import FORMATS, DetectionSource, make_record
+from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -65,28 +63,21 @@ class VocSource(DetectionSource):
                 xyxy = [box[0] - 1, box[1] - 1, box[2], box[3]]
                 (ignore if difficult else boxes).append(xyxy)
                 (ignore_labels if difficult else labels).append(label_of[name])
-            b, lab = clean_boxes(
-                torch.tensor(boxes).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64),
-                width,
-                height,
-                file,
-                problems,
-            )
             image_id = stable_image_id(stem)
             if image_id in seen:
                 raise DataError(f"{root}: images {seen[image_id]} and {stem} map to the same id")
             seen[image_id] = stem
             records.append(
-                Record(
+                make_record(
                     image_id=image_id,
                     file=file,
                     height=height,
                     width=width,
-                    boxes=b,
-                    labels=lab,
-                    ignore=torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4),
-                    ignore_labels=torch.tensor(ignore_labels, dtype=torch.int64),
+                    boxes=boxes,
+                    labels=labels,
+                    ignore=ignore,
+                    ignore_labels=ignore_labels,
+                    problems=problems,
                 )
             )
         super().__init__(records, class_names, problems)

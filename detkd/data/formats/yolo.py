@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import yaml
 
-from detkd.data.formats.base import FORMATS, DetectionSource, clean_boxes
+from detkd.data.formats.base import FORMATS, DetectionSource, make_record
 from detkd.data.formats.voc import IMAGE_SUFFIXES, stable_image_id
 from detkd.data.images import image_size
-from detkd.data.sample import ProblemLog, Record
+from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 
@@ -72,14 +71,17 @@ class YoloSource(DetectionSource):
                     continue
                 boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
                 labels.append(cls + 1)
-            b, lab = clean_boxes(
-                torch.tensor(boxes).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64),
-                width,
-                height,
-                label_file,
-                problems,
-            )
             image_id = stable_image_id(str(rel.with_suffix("")))
-            records.append(Record(image_id=image_id, file=file, height=height, width=width, boxes=b, labels=lab))
+            records.append(
+                make_record(
+                    image_id=image_id,
+                    file=file,
+                    height=height,
+                    width=width,
+                    boxes=boxes,
+                    labels=labels,
+                    problems=problems,
+                    report_file=label_file,
+                )
+            )
         super().__init__(records, names, problems)
