@@ -35,6 +35,7 @@ from torch import Tensor
 from detkd import __version__
 from detkd.data.views import View
 from detkd.errors import DetkdError
+from detkd.models.checkpoint import file_sha256  # noqa: F401  (re-exported: the store's teacher hash)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -228,15 +229,6 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (the teacher checkpoint hash recorded in a store)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(obj) -> str:
