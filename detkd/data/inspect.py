@@ -6,24 +6,33 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detkd.data.formats.detect import detect_format, open_source
-from detkd.data.images import read_image
+from detkd.data.formats.base import DetectionSource
+from detkd.data.formats.detect import detect_format, list_splits, open_source
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
-CANDIDATE_SPLITS = ("train", "val", "test", "trainval")
+# Image sizes are listed one by one up to this many distinct sizes, else summarised as min/max.
+MAX_LISTED_SIZES = 5
 
 
 @dataclass
 class SplitReport:
     name: str
     images: int
-    boxes_per_class: dict[str, int]
+    boxes_per_class: dict[str, int]  # every class, zero counts included
     boxes_per_image: tuple[int, float, int]  # min, mean, max
     ignore_regions: int
-    sizes: Counter
+    sizes: Counter  # (width, height) -> number of images
     problems: ProblemLog
-    decode_failures: list[str] = field(default_factory=list)
+    decode_failures: list[str] = field(default_factory=list)  # "file: reason", one per unreadable image
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(self.boxes_per_class.values())
+
+    @property
+    def num_problems(self) -> int:
+        return len(self.problems) + len(self.decode_failures)
 
 
 @dataclass
@@ -32,75 +41,94 @@ class InspectReport:
     format: str
     class_names: list[str]
     splits: list[SplitReport]
-    missing_splits: list[str]
+    missing_splits: list[str]  # "split: why it could not be read"
+
+    @property
+    def num_problems(self) -> int:
+        return sum(s.num_problems for s in self.splits)
 
 
 def inspect_dataset(
     path: str | Path, *, format: str | None = None, splits: list[str] | None = None, decode: bool = True
 ) -> InspectReport:
+    """Read every split (``splits``, or all found on disk) and summarise it; ``decode`` also decodes
+    every image, so a corrupt file is reported here rather than in the middle of training.
+
+    A split that is absent or fails to parse is listed in ``missing_splits`` with the reason; only
+    when no split at all can be read is that a DataError.
+    """
     path = Path(path)
     fmt = format or detect_format(path)
-    wanted = splits or ([None] if fmt == "coco" and path.is_file() else list(CANDIDATE_SPLITS))
+    wanted = list(splits) if splits else list_splits(path, fmt)
     reports, missing, names = [], [], []
     for split in wanted:
         try:
-            source = open_source(path, format=fmt, split=split or "train")
+            source = open_source(path, format=fmt, split=split)
         except DataError as exc:
-            if splits:  # the user asked for this split: its absence is the problem
-                raise
             missing.append(f"{split}: {exc}")
             continue
         names = source.class_names
-        reports.append(_split_report(split or path.stem, source, decode))
+        reports.append(_split_report(split, source, decode=decode))
     if not reports:
-        raise DataError(f"{path}: no split could be read ({'; '.join(missing)})")
-    return InspectReport(str(path), fmt, names, reports, missing)
+        why = "; ".join(missing) if missing else "no splits found"
+        raise DataError(f"{path}: no split could be read as {fmt} ({why})")
+    return InspectReport(path=str(path), format=fmt, class_names=names, splits=reports, missing_splits=missing)
 
 
-def _split_report(name: str, source, decode: bool) -> SplitReport:
-    per_class: Counter = Counter()
+def _split_report(name: str, source: DetectionSource, *, decode: bool) -> SplitReport:
+    per_class = Counter({n: 0 for n in source.class_names})
     counts, sizes, ignore = [], Counter(), 0
     for r in source.records:
         counts.append(len(r.labels))
         ignore += len(r.ignore)
         sizes[(r.width, r.height)] += 1
-        for lab in r.labels.tolist():
-            per_class[source.class_names[lab - 1]] += 1
+        per_class.update(source.class_names[lab - 1] for lab in r.labels.tolist())
     failures = []
     if decode:
-        for r in source.records:
+        for i in range(len(source)):
             try:
-                img = read_image(r.file)
+                source.load(i)  # decodes and checks the decoded size against the record
             except DataError as exc:
                 failures.append(str(exc))
-                continue
-            if tuple(img.shape[1:]) != (r.height, r.width):
-                failures.append(
-                    f"{r.file}: image is {img.shape[2]}x{img.shape[1]}, annotation says {r.width}x{r.height}"
-                )
     stats = (min(counts), sum(counts) / len(counts), max(counts)) if counts else (0, 0.0, 0)
-    return SplitReport(name, len(source), dict(per_class), stats, ignore, sizes, source.problems, failures)
+    return SplitReport(
+        name=name,
+        images=len(source),
+        boxes_per_class=dict(per_class),
+        boxes_per_image=stats,
+        ignore_regions=ignore,
+        sizes=sizes,
+        problems=source.problems,
+        decode_failures=failures,
+    )
 
 
 def format_report(report: InspectReport) -> str:
+    """The report as text for the terminal."""
     lines = [
         f"{report.path}: format {report.format}, {len(report.class_names)} classes: {', '.join(report.class_names)}"
     ]
     for s in report.splits:
         lo, mean, hi = s.boxes_per_image
-        lines.append(
-            f"\nsplit {s.name}: {s.images} images, {sum(s.boxes_per_class.values())} boxes, "
-            f"{s.ignore_regions} ignore regions"
-        )
-        lines.append("  boxes per class: " + ", ".join(f"{k} {v}" for k, v in sorted(s.boxes_per_class.items())))
+        lines.append(f"\nsplit {s.name}: {s.images} images, {s.num_boxes} boxes, {s.ignore_regions} ignore regions")
+        lines.append("  boxes per class: " + ", ".join(f"{k} {v}" for k, v in s.boxes_per_class.items()))
         lines.append(f"  boxes per image: min {lo}, mean {mean:.2f}, max {hi}")
-        common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in s.sizes.most_common(5))
-        lines.append(f"  image sizes (WxH): {len(s.sizes)} distinct; most common {common}")
-        n_problems = len(s.problems) + len(s.decode_failures)
-        lines.append(f"  problems: {n_problems}")
+        lines.append(f"  image sizes (WxH): {_sizes_text(s.sizes)}")
+        lines.append(f"  problems: {s.num_problems}")
         if len(s.problems):
             lines += ["    " + ln for ln in s.problems.summary().splitlines()]
-        lines += [f"    unreadable image: {f}" for f in s.decode_failures]
+        if s.decode_failures:
+            lines.append(f"    {len(s.decode_failures)} x unreadable image")
+            lines += [f"      {f}" for f in s.decode_failures]
     for m in report.missing_splits:
-        lines.append(f"\n(no split {m})")
+        lines.append(f"\nsplit not read: {m}")
     return "\n".join(lines)
+
+
+def _sizes_text(sizes: Counter) -> str:
+    if not sizes:
+        return "none"
+    if len(sizes) <= MAX_LISTED_SIZES:
+        return ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))
+    ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+    return f"{len(sizes)} distinct, width {min(ws)}..{max(ws)}, height {min(hs)}..{max(hs)}"

@@ -37,7 +37,9 @@ def evaluate(
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             preds = detector.predict(batch.images.to(device), batch.image_sizes)
         for pred, view, orig, image_id in zip(preds, batch.views, batch.orig_sizes, batch.image_ids, strict=True):
-            boxes = boxes_to_original(pred["boxes"].float().cpu(), view, orig)
-            evaluator.add(image_id, boxes, pred["scores"].float().cpu(), pred["labels"].cpu())
+            # Dense heads carry an (always negative) background channel 0; it is not a class.
+            keep = pred["labels"] > 0
+            boxes = boxes_to_original(pred["boxes"][keep].float().cpu(), view, orig)
+            evaluator.add(image_id, boxes, pred["scores"][keep].float().cpu(), pred["labels"][keep].cpu())
     detector.train(was_training)
     return evaluator.compute()

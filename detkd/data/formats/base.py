@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from detkd.data.images import read_image
+from detkd.data.images import image_size, read_image
 from detkd.data.sample import ProblemLog, Record, Sample
 from detkd.errors import DataError
 from detkd.registry import Registry
@@ -17,6 +18,9 @@ FORMATS: Registry[type[DetectionSource]] = Registry("data format")
 
 # A box may overhang the image by this many pixels (annotation rounding) before it counts as a problem.
 EDGE_TOLERANCE = 2.0
+
+# Suffixes readers look for when a format names images by stem only (VOC, YOLO); compared lower-case.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class DetectionSource:
@@ -29,6 +33,7 @@ class DetectionSource:
     format_name = "base"
 
     def __init__(self, records: list[Record], class_names: list[str], problems: ProblemLog | None = None):
+        check_unique_ids(records)
         self.records = records
         self.class_names = list(class_names)
         self.problems = problems if problems is not None else ProblemLog()
@@ -62,6 +67,71 @@ class DetectionSource:
         return Sample(image=image, record=record)
 
 
+def stable_image_id(key: str) -> int:
+    """53-bit id from a file stem or relative path: the same image gets the same id whatever the
+    split, and it survives a round trip through JSON (float64 holds 53-bit integers exactly)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 11
+
+
+def check_unique_ids(records: Sequence[Record]) -> None:
+    """Two images with one id would silently share stored teacher knowledge and evaluation entries."""
+    seen: dict[int, Path] = {}
+    for r in records:
+        if r.image_id in seen:
+            other = seen[r.image_id]
+            where = f"{r.file}: listed twice" if Path(other) == Path(r.file) else f"{other} and {r.file}: both have"
+            raise DataError(f"{where} image id {r.image_id}; image ids must be unique")
+        seen[r.image_id] = r.file
+
+
+def read_annotation_text(path: Path, *, allow_empty: bool = False) -> str:
+    """The text of an annotation file, or DataError naming it (missing, unreadable, not text, empty)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read annotation file ({exc})") from None
+    if not allow_empty and not text.strip():
+        raise DataError(f"{path}: annotation file is empty")
+    return text
+
+
+def checked_size(
+    file: Path,
+    *,
+    height: int | None,
+    width: int | None,
+    problems: ProblemLog,
+    report_file: str | Path | None = None,
+) -> tuple[int, int] | None:
+    """(height, width) to record for ``file``, or None when the image must be skipped (counted).
+
+    The image header (not the pixels) is the truth: a missing image or one whose size disagrees
+    with the annotation is skipped. When the header cannot be parsed but the annotation gives the
+    size, the image is kept: ``load()`` then raises DataError naming it, and inspect reports it.
+    """
+    if not file.is_file():
+        problems.add("missing image", file, "image file not found, image skipped")
+        return None
+    given = height is not None and width is not None and height > 0 and width > 0
+    try:
+        real = image_size(file)
+    except DataError as exc:
+        if given:
+            return height, width
+        problems.add("unreadable image", file, f"{exc}, image skipped")
+        return None
+    if given and real != (height, width):
+        problems.add(
+            "size mismatch",
+            report_file or file,
+            f"annotation says {width}x{height} (WxH) but {file.name} is {real[1]}x{real[0]}, image skipped",
+        )
+        return None
+    return real
+
+
 def make_record(
     *,
     image_id: int,
@@ -71,12 +141,13 @@ def make_record(
     boxes: list[list[float]],
     labels: list[int],
     problems: ProblemLog,
-    ignore: list[list[float]] = (),
-    ignore_labels: list[int] = (),
+    ignore: Sequence[Sequence[float]] = (),
+    ignore_labels: Sequence[int] = (),
     report_file: str | Path | None = None,
 ) -> Record:
     """A Record from plain lists: training boxes validated by ``clean_boxes`` (problems reported
-    against ``report_file``, the annotation file, or the image), ignore regions kept as given."""
+    against ``report_file``, the annotation file, or the image); ignore regions are clipped to the
+    image and dropped when empty, silently (they only excuse detections, nothing trains on them)."""
     b, lab = clean_boxes(
         torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         torch.tensor(labels, dtype=torch.int64),
@@ -85,6 +156,12 @@ def make_record(
         report_file or file,
         problems,
     )
+    ign = torch.tensor([list(r) for r in ignore], dtype=torch.float32).reshape(-1, 4)
+    ign_labels = torch.tensor(list(ignore_labels), dtype=torch.int64)
+    if len(ign_labels) != len(ign):
+        raise ValueError(f"{len(ign)} ignore regions but {len(ign_labels)} ignore labels")
+    ign = _clip(ign, width, height)
+    keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
     return Record(
         image_id=image_id,
         file=file,
@@ -92,8 +169,20 @@ def make_record(
         width=width,
         boxes=b,
         labels=lab,
-        ignore=torch.tensor(list(ignore), dtype=torch.float32).reshape(-1, 4),
-        ignore_labels=torch.tensor(list(ignore_labels), dtype=torch.int64),
+        ignore=ign[keep],
+        ignore_labels=ign_labels[keep],
+    )
+
+
+def _clip(boxes: Tensor, width: int, height: int) -> Tensor:
+    return torch.stack(
+        [
+            boxes[:, 0].clamp(0, width),
+            boxes[:, 1].clamp(0, height),
+            boxes[:, 2].clamp(0, width),
+            boxes[:, 3].clamp(0, height),
+        ],
+        dim=1,
     )
 
 
@@ -116,15 +205,7 @@ def clean_boxes(
     overhang = ((boxes < -EDGE_TOLERANCE) | (boxes > limit + EDGE_TOLERANCE)).any(dim=1) & finite
     for i in torch.nonzero(overhang).flatten().tolist():
         problems.add("box outside image", file, f"box {i} {boxes[i].tolist()} exceeds {width}x{height}, clipped")
-    clipped = torch.stack(
-        [
-            boxes[:, 0].clamp(0, width),
-            boxes[:, 1].clamp(0, height),
-            boxes[:, 2].clamp(0, width),
-            boxes[:, 3].clamp(0, height),
-        ],
-        dim=1,
-    )
+    clipped = _clip(boxes, width, height)
     empty = ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])) & finite
     for i in torch.nonzero(empty).flatten().tolist():
         problems.add("empty box", file, f"box {i} {boxes[i].tolist()} has zero size inside the image, skipped")

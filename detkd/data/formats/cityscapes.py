@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from detkd.data.formats.base import FORMATS, DetectionSource, make_record
-from detkd.data.formats.voc import stable_image_id
+from detkd.data.formats.base import (
+    FORMATS,
+    DetectionSource,
+    checked_size,
+    make_record,
+    read_annotation_text,
+    stable_image_id,
+)
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
@@ -15,6 +21,12 @@ CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorc
 
 @FORMATS.register("cityscapes")
 class CityscapesSource(DetectionSource):
+    """``root/gtFine/{split}/{city}/*_gtFine_polygons.json`` + ``root/leftImg8bit/{split}/{city}/*_leftImg8bit.png``.
+
+    Labels other than the 8 instance classes and their groups are stuff (road, sky, ...) and are
+    passed over silently. Image ids hash ``city/stem``.
+    """
+
     format_name = "cityscapes"
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
@@ -27,42 +39,34 @@ class CityscapesSource(DetectionSource):
         records = []
         for ann in sorted(gt_dir.glob("*/*_gtFine_polygons.json")):
             stem = ann.name.removesuffix("_gtFine_polygons.json")
-            file = root / "leftImg8bit" / split / ann.parent.name / f"{stem}_leftImg8bit.png"
-            if not file.is_file():
-                problems.add("missing image", file, "image file not found, image skipped")
-                continue
-            try:
-                data = json.loads(ann.read_text())
-                height, width = int(data["imgHeight"]), int(data["imgWidth"])
-                objects = data["objects"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                problems.add("bad annotation", ann, f"{type(exc).__name__}: {exc}, image skipped")
+            city = ann.parent.name
+            height, width, objects = _load_polygons(ann)
+            file = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+            size = checked_size(file, height=height, width=width, problems=problems, report_file=ann)
+            if size is None:
                 continue
             boxes, labels, ignore, ignore_labels = [], [], [], []
-            for obj in objects:
-                label = str(obj.get("label", ""))
+            for i, obj in enumerate(objects):
+                label = str(obj.get("label", "")) if isinstance(obj, dict) else ""
                 base = label.removesuffix("group")
-                if base not in label_of:
-                    continue  # stuff classes (road, sky, ...) are not objects
-                pts = obj.get("polygon") or []
-                if len(pts) < 2:
-                    problems.add("degenerate polygon", ann, f"{label} polygon with {len(pts)} points, skipped")
+                if base not in label_of or obj.get("deleted"):
+                    continue  # stuff classes are not objects
+                box = _polygon_box(obj.get("polygon"))
+                if box is None:
+                    problems.add("malformed polygon", ann, f"object {i} ({label}): polygon {obj.get('polygon')!r:.60}")
                     continue
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                box = [min(xs), min(ys), max(xs) + 1, max(ys) + 1]  # pixel indices -> xyxy edges
-                if label.endswith("group"):
+                if label.endswith("group"):  # a crowd of instances not outlined one by one
                     ignore.append(box)
                     ignore_labels.append(label_of[base])
                 else:
                     boxes.append(box)
                     labels.append(label_of[base])
-            key = f"{ann.parent.name}/{stem}"
             records.append(
                 make_record(
-                    image_id=stable_image_id(key),
+                    image_id=stable_image_id(f"{city}/{stem}"),
                     file=file,
-                    height=height,
-                    width=width,
+                    height=size[0],
+                    width=size[1],
                     boxes=boxes,
                     labels=labels,
                     ignore=ignore,
@@ -72,3 +76,33 @@ class CityscapesSource(DetectionSource):
                 )
             )
         super().__init__(records, list(CITYSCAPES_CLASSES), problems)
+
+
+def _load_polygons(path: Path) -> tuple[int, int, list]:
+    try:
+        data = json.loads(read_annotation_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed json ({exc})") from None
+    try:
+        height, width, objects = int(data["imgHeight"]), int(data["imgWidth"]), data["objects"]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: not a Cityscapes polygons file (needs imgHeight, imgWidth, objects)") from None
+    if not isinstance(objects, list):
+        raise DataError(f"{path}: 'objects' is not a list")
+    return height, width, objects
+
+
+def _polygon_box(points: object) -> list[float] | None:
+    """Enclosing xyxy box of a polygon, None when malformed.
+
+    Vertices are integer pixel indices and the evaluation rasterises every pixel they enclose,
+    so the box runs to the far edge of the last pixel (+1), as detectron2's loader does.
+    """
+    if not isinstance(points, list) or len(points) < 2:
+        return None
+    try:
+        xs = [float(p[0]) for p in points]
+        ys = [float(p[1]) for p in points]
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return [min(xs), min(ys), max(xs) + 1, max(ys) + 1]

@@ -3,95 +3,157 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from detkd.data.formats.base import FORMATS, DetectionSource, make_record
+from detkd.data.formats.base import FORMATS, DetectionSource, checked_size, make_record, read_annotation_text
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 
 @FORMATS.register("coco")
 class CocoSource(DetectionSource):
+    """One COCO instances json.
+
+    Labels are 1..K in sorted category-id order; ``category_ids[label]`` gives the COCO id back
+    (results are written in COCO ids). Image ids are the json's own. Images without annotations
+    are kept as negatives.
+    """
+
     format_name = "coco"
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path | None = None) -> None:
         path = Path(annotation_file)
         problems = ProblemLog()
-        data = _load_json(path)
-        image_dir = Path(image_dir) if image_dir is not None else _default_image_dir(path)
-        cats = sorted(data.get("categories") or [], key=lambda c: c["id"])
-        if not cats:
-            raise DataError(f"{path}: no categories")
-        self.category_ids = {i + 1: int(c["id"]) for i, c in enumerate(cats)}  # label -> COCO category id
+        data = load_coco_json(path)
+        images = data["images"]
+        image_dir = Path(image_dir) if image_dir is not None else default_image_dir(path, images)
+        cats = _categories(path, data)
+        self.category_ids: dict[int, int] = {i + 1: cid for i, (cid, _) in enumerate(cats)}
         label_of = {cid: lab for lab, cid in self.category_ids.items()}
-        per_image: dict[int, list[dict]] = {}
+
+        per_image: dict[object, list[dict]] = {}
         for ann in data.get("annotations") or []:
+            if not isinstance(ann, dict):
+                problems.add("malformed annotation", path, f"annotation {ann!r:.60} is not an object, skipped")
+                continue
             per_image.setdefault(ann.get("image_id"), []).append(ann)
+
         records, seen = [], set()
-        for img in data.get("images") or []:
+        for img in images:
             try:
                 image_id, file_name = int(img["id"]), str(img["file_name"])
-                height, width = int(img["height"]), int(img["width"])
+                height, width = _optional_int(img.get("height")), _optional_int(img.get("width"))
             except (KeyError, TypeError, ValueError) as exc:
-                problems.add("malformed image entry", path, f"image entry {img!r:.80}: {exc}, skipped")
+                problems.add("malformed image entry", path, f"image entry {img!r:.80}: {exc!r}, skipped")
                 continue
             if image_id in seen:
-                raise DataError(f"{path}: image id {image_id} appears twice")
+                raise DataError(f"{path}: image id {image_id} appears twice in 'images'")
             seen.add(image_id)
             file = image_dir / file_name
-            if not file.is_file():
-                problems.add("missing image", file, "image file not found, image skipped")
+            size = checked_size(file, height=height, width=width, problems=problems, report_file=path)
+            if size is None:
                 continue
             boxes, labels, ignore, ignore_labels = [], [], [], []
             for ann in per_image.get(image_id, []):
                 cid = ann.get("category_id")
-                bbox = ann.get("bbox")
                 if cid not in label_of:
                     problems.add("unknown category", path, f"annotation {ann.get('id')}: category {cid!r}, skipped")
                     continue
-                if not (isinstance(bbox, list) and len(bbox) == 4):
+                box = _xyxy(ann.get("bbox"))
+                if box is None:
+                    bbox = ann.get("bbox")
                     problems.add("malformed box", path, f"annotation {ann.get('id')}: bbox {bbox!r}, skipped")
                     continue
-                x, y, w, h = (float(v) for v in bbox)
-                target = (ignore, ignore_labels) if ann.get("iscrowd", 0) else (boxes, labels)
-                target[0].append([x, y, x + w, y + h])
-                target[1].append(label_of[cid])
+                # Crowd regions are neither trained on nor counted as misses (COCO evaluation rule).
+                if ann.get("iscrowd", 0):
+                    ignore.append(box)
+                    ignore_labels.append(label_of[cid])
+                else:
+                    boxes.append(box)
+                    labels.append(label_of[cid])
             records.append(
                 make_record(
                     image_id=image_id,
                     file=file,
-                    height=height,
-                    width=width,
+                    height=size[0],
+                    width=size[1],
                     boxes=boxes,
                     labels=labels,
                     ignore=ignore,
                     ignore_labels=ignore_labels,
                     problems=problems,
+                    report_file=path,
                 )
             )
-        known = seen
-        for image_id in per_image:
-            if image_id not in known:
-                problems.add("annotation without image", path, f"annotations for unknown image id {image_id!r}")
-        super().__init__(records, [str(c["name"]) for c in cats], problems)
+        for image_id in (k for k in per_image if k not in seen):
+            problems.add("annotation without image", path, f"annotations for unknown image id {image_id!r}, skipped")
+        super().__init__(records, [name for _, name in cats], problems)
 
 
-def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
-    text = path.read_text()
-    if not text.strip():
-        raise DataError(f"{path}: annotation file is empty")
+def load_coco_json(path: Path) -> dict:
+    """The parsed json, checked to be a COCO detection file; DataError naming ``path`` otherwise."""
+    text = read_annotation_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: malformed json ({exc})") from None
-    if not isinstance(data, dict) or "images" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{path}: not a COCO annotation file (no 'images' list)")
+    if not isinstance(data.get("annotations", []), list):
+        raise DataError(f"{path}: 'annotations' is not a list")
     return data
 
 
-def _default_image_dir(annotation_file: Path) -> Path:
-    """COCO layouts keep images in ``images/`` beside ``annotations/``, or next to the json."""
-    sibling = annotation_file.parent.parent / "images"
-    return sibling if sibling.is_dir() else annotation_file.parent
+def default_image_dir(annotation_file: Path, images: list) -> Path:
+    """Where the ``file_name``s live: the first usual place that holds the first image.
+
+    ``root/annotations/X.json`` looks in root/images, root/images/X, root/X (COCO 2017's
+    ``train2017/``) and root; a json elsewhere looks beside itself (``images/``, X/, the folder).
+    """
+    split = annotation_file.stem.removeprefix("instances_")
+    base = annotation_file.parent
+    if base.name == "annotations":
+        root = base.parent
+        candidates = [root / "images", root / "images" / split, root / split, root]
+    else:
+        candidates = [base / "images", base / "images" / split, base / split, base]
+    first = next((str(i["file_name"]) for i in images if isinstance(i, dict) and "file_name" in i), None)
+    if first is not None:
+        for cand in candidates:
+            if (cand / first).is_file():
+                return cand
+    return next((c for c in candidates if c.is_dir()), base)
+
+
+def _categories(path: Path, data: dict) -> list[tuple[int, str]]:
+    cats = data.get("categories")
+    if not isinstance(cats, list) or not cats:
+        raise DataError(f"{path}: no 'categories' list")
+    out: dict[int, str] = {}
+    for c in cats:
+        try:
+            cid, name = int(c["id"]), str(c["name"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: category {c!r:.80} needs an integer 'id' and a 'name'") from None
+        if cid in out:
+            raise DataError(f"{path}: category id {cid} appears twice")
+        out[cid] = name
+    return sorted(out.items())
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)
+
+
+def _xyxy(bbox: object) -> list[float] | None:
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2]; None when it is not four finite numbers."""
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return None
+    return [x, y, x + w, y + h]

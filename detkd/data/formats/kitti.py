@@ -4,17 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detkd.data.formats.base import FORMATS, DetectionSource, make_record
-from detkd.data.formats.voc import stable_image_id
-from detkd.data.images import image_size
+from detkd.data.formats.base import (
+    FORMATS,
+    DetectionSource,
+    checked_size,
+    make_record,
+    read_annotation_text,
+    stable_image_id,
+)
+from detkd.data.formats.voc import read_split_file
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
+# Label of DontCare regions: they excuse detections of any class (see detkd.engine.evaluate).
+ANY_CLASS = 0
 
 
 @FORMATS.register("kitti")
 class KittiSource(DetectionSource):
+    """``root/training/image_2/*.png`` + ``root/training/label_2/*.txt``.
+
+    ``split`` names ``root/ImageSets/{split}.txt`` (one id a line). KITTI has no official split:
+    without that file, ``None``, "train" and "all" mean every labelled image; other names are an error.
+    Line fields: type truncated occluded alpha x1 y1 x2 y2 h w l x y z ry [score].
+    """
+
     format_name = "kitti"
 
     def __init__(self, root: str | Path, split: str | None = None) -> None:
@@ -24,27 +39,26 @@ class KittiSource(DetectionSource):
         if not label_dir.is_dir():
             raise DataError(f"{label_dir}: KITTI label folder not found")
         split_file = root / "ImageSets" / f"{split}.txt"
-        if split and split_file.is_file():
-            stems = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
-        elif split in (None, "train", "all"):  # no split file: every labelled image
+        if split is not None and split_file.is_file():
+            stems = read_split_file(split_file)
+        elif split in (None, "train", "all"):
             stems = sorted(p.stem for p in label_dir.glob("*.txt"))
         else:
-            raise DataError(f"{split_file}: split file not found (KITTI has no official val split; list ids there)")
+            raise DataError(f"{split_file}: split file not found (KITTI has no official {split!r} split; list ids)")
         label_of = {n: i + 1 for i, n in enumerate(KITTI_CLASSES)}
         records = []
         for stem in stems:
             file = image_dir / f"{stem}.png"
             label_file = label_dir / f"{stem}.txt"
-            try:
-                height, width = image_size(file)
-            except DataError as exc:
-                problems.add("unreadable image", file, f"{exc}, image skipped")
-                continue
             if not label_file.is_file():
-                problems.add("missing label file", label_file, "not found, image skipped")
+                problems.add("missing annotation", label_file, "label file not found, image skipped")
+                continue
+            text = read_annotation_text(label_file, allow_empty=True)  # empty: an image without objects
+            size = checked_size(file, height=None, width=None, problems=problems)
+            if size is None:
                 continue
             boxes, labels, ignore = [], [], []
-            for n, line in enumerate(label_file.read_text().splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 parts = line.split()
                 if not parts:
                     continue
@@ -54,7 +68,7 @@ class KittiSource(DetectionSource):
                 try:
                     box = [float(v) for v in parts[4:8]]
                 except ValueError:
-                    problems.add("malformed label line", label_file, f"line {n}: non-numeric box")
+                    problems.add("malformed label line", label_file, f"line {n}: non-numeric box {parts[4:8]}")
                     continue
                 if parts[0] == "DontCare":
                     ignore.append(box)
@@ -67,12 +81,12 @@ class KittiSource(DetectionSource):
                 make_record(
                     image_id=stable_image_id(stem),
                     file=file,
-                    height=height,
-                    width=width,
+                    height=size[0],
+                    width=size[1],
                     boxes=boxes,
                     labels=labels,
                     ignore=ignore,
-                    ignore_labels=[0] * len(ignore),
+                    ignore_labels=[ANY_CLASS] * len(ignore),
                     problems=problems,
                     report_file=label_file,
                 )

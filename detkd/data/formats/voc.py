@@ -2,108 +2,151 @@
 
 from __future__ import annotations
 
-import hashlib
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
-from detkd.data.formats.base import FORMATS, DetectionSource, make_record
+from detkd.data.formats.base import (
+    FORMATS,
+    IMAGE_SUFFIXES,
+    DetectionSource,
+    checked_size,
+    make_record,
+    read_annotation_text,
+    stable_image_id,
+)
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+__all__ = ["VocSource", "stable_image_id", "IMAGE_SUFFIXES", "read_split_file"]
 
 
-def stable_image_id(key: str) -> int:
-    """53-bit id from a file stem: the same image gets the same id whatever the split (JSON-safe)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 11
+@dataclass
+class _Object:
+    name: str
+    box: list[float] | None  # VOC pixel indices (1-based, inclusive); None when malformed
+    difficult: bool
+
+
+@dataclass
+class _Annotation:
+    file_name: str | None
+    height: int | None
+    width: int | None
+    objects: list[_Object]
 
 
 @FORMATS.register("voc")
 class VocSource(DetectionSource):
+    """``root/Annotations/*.xml``, ``root/JPEGImages/*``, ``root/ImageSets/Main/{split}.txt``.
+
+    Class names are the given list, or else every object name found in the data set's xml files
+    (all of them, not this split's only, so every split gets the same labels), sorted.
+    """
+
     format_name = "voc"
 
     def __init__(self, root: str | Path, split: str = "train", class_names: list[str] | None = None) -> None:
         root = Path(root)
         problems = ProblemLog()
-        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not split_file.is_file():
-            raise DataError(f"{split_file}: split file not found")
-        ids = [ln.split()[0] for ln in split_file.read_text().splitlines() if ln.strip()]
-        parsed = {}
-        for stem in ids:
-            xml = root / "Annotations" / f"{stem}.xml"
-            try:
-                parsed[stem] = _parse_xml(xml)
-            except DataError as exc:
-                problems.add("bad annotation", xml, f"{exc}, image skipped")
-        if class_names is None:  # all xml files, not only this split, so every split agrees
-            names = set()
-            for xml in sorted((root / "Annotations").glob("*.xml")):
-                try:
-                    names.update(obj[0] for obj in _parse_xml(xml)[2])
-                except DataError:
-                    pass
+        ann_dir, image_dir = root / "Annotations", root / "JPEGImages"
+        stems = read_split_file(root / "ImageSets" / "Main" / f"{split}.txt")
+        parsed: dict[str, _Annotation | None] = {}
+        for stem in stems:
+            xml = ann_dir / f"{stem}.xml"
+            parsed[stem] = _parse_xml(xml) if xml.is_file() else None
+        if class_names is None:
+            names: set[str] = set()
+            for xml in sorted(ann_dir.glob("*.xml")):
+                ann = parsed.get(xml.stem) or _parse_xml(xml)
+                names.update(o.name for o in ann.objects if o.name)
             class_names = sorted(names)
         label_of = {n: i + 1 for i, n in enumerate(class_names)}
-        records, seen = [], {}
-        for stem, (height, width, objects) in parsed.items():
-            file = _find_image(root / "JPEGImages", stem)
-            if file is None:
-                problems.add("missing image", root / "JPEGImages" / stem, "image file not found, image skipped")
+
+        records = []
+        for stem, ann in parsed.items():
+            xml = ann_dir / f"{stem}.xml"
+            if ann is None:
+                problems.add("missing annotation", xml, f"listed in {split}.txt but not found, image skipped")
+                continue
+            file = _find_image(image_dir, stem, ann.file_name)
+            size = checked_size(file, height=ann.height, width=ann.width, problems=problems, report_file=xml)
+            if size is None:
                 continue
             boxes, labels, ignore, ignore_labels = [], [], [], []
-            for name, box, difficult in objects:
-                if name not in label_of:
-                    problems.add("unknown category", file, f"object class {name!r} not in {class_names}, skipped")
+            for i, obj in enumerate(ann.objects):
+                if obj.name not in label_of:
+                    problems.add("unknown category", xml, f"object {i}: class {obj.name!r} not in {class_names}")
                     continue
-                if box[2] <= box[0] or box[3] <= box[1]:  # a point or a line: an annotation slip
-                    problems.add("empty box", file, f"{name} box {box} has zero width or height, skipped")
+                if obj.box is None:
+                    problems.add("malformed box", xml, f"object {i} ({obj.name}): malformed <bndbox>, skipped")
                     continue
-                # VOC boxes are 1-based inclusive pixel indices.
-                xyxy = [box[0] - 1, box[1] - 1, box[2], box[3]]
-                (ignore if difficult else boxes).append(xyxy)
-                (ignore_labels if difficult else labels).append(label_of[name])
-            image_id = stable_image_id(stem)
-            if image_id in seen:
-                raise DataError(f"{root}: images {seen[image_id]} and {stem} map to the same id")
-            seen[image_id] = stem
+                x1, y1, x2, y2 = obj.box
+                # xmax <= xmin is a click without a drag (BCCD has some): an annotation slip, not a 1-pixel object.
+                if x2 <= x1 or y2 <= y1:
+                    problems.add("empty box", xml, f"object {i} ({obj.name}): box {obj.box} has zero size, skipped")
+                    continue
+                # 1-based inclusive pixel indices -> 0-based continuous xyxy.
+                xyxy = [x1 - 1, y1 - 1, x2, y2]
+                if obj.difficult:
+                    ignore.append(xyxy)
+                    ignore_labels.append(label_of[obj.name])
+                else:
+                    boxes.append(xyxy)
+                    labels.append(label_of[obj.name])
             records.append(
                 make_record(
-                    image_id=image_id,
+                    image_id=stable_image_id(stem),
                     file=file,
-                    height=height,
-                    width=width,
+                    height=size[0],
+                    width=size[1],
                     boxes=boxes,
                     labels=labels,
                     ignore=ignore,
                     ignore_labels=ignore_labels,
                     problems=problems,
+                    report_file=xml,
                 )
             )
         super().__init__(records, class_names, problems)
 
 
-def _find_image(folder: Path, stem: str) -> Path | None:
+def read_split_file(path: Path) -> list[str]:
+    """Image ids of a split file, first token of each line (class files hold ``id  1``), no repeats."""
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    text = read_annotation_text(path, allow_empty=True)
+    return list(dict.fromkeys(ln.split()[0] for ln in text.splitlines() if ln.strip()))
+
+
+def _find_image(folder: Path, stem: str, file_name: str | None) -> Path:
+    """The image of ``stem``; the xml's <filename> first (its suffix may differ), else a stem match.
+    A path that does not exist is returned as the "missing image" to report."""
+    if file_name and Path(file_name).stem == stem and (folder / file_name).is_file():
+        return folder / file_name
     for suffix in IMAGE_SUFFIXES:
         for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
             if cand.is_file():
                 return cand
-    return None
+    return folder / f"{stem}.jpg"
 
 
-def _parse_xml(path: Path) -> tuple[int, int, list[tuple[str, list[float], bool]]]:
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+def _parse_xml(path: Path) -> _Annotation:
     try:
-        tree = ET.parse(path)
+        data = path.read_bytes()  # bytes: the xml declaration, not us, decides the encoding
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read annotation file ({exc})") from None
+    if not data.strip():
+        raise DataError(f"{path}: annotation file is empty")
+    try:
+        root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise DataError(f"{path}: malformed xml ({exc})") from None
-    root = tree.getroot()
-    try:
-        size = root.find("size")
-        width, height = int(float(size.findtext("width"))), int(float(size.findtext("height")))
-    except (AttributeError, TypeError, ValueError):
-        raise DataError(f"{path}: missing or malformed <size>") from None
+    if root.tag != "annotation":
+        raise DataError(f"{path}: not a VOC annotation (root element <{root.tag}>, expected <annotation>)")
+    size = root.find("size")
+    # A missing or zero <size> (some exporters write 0) is taken from the image header instead.
+    width, height = _int_or_none(size, "width"), _int_or_none(size, "height")
     objects = []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
@@ -111,7 +154,16 @@ def _parse_xml(path: Path) -> tuple[int, int, list[tuple[str, list[float], bool]
         try:
             box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError):
-            raise DataError(f"{path}: object {name!r} has a malformed <bndbox>") from None
-        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true")
-        objects.append((name, box, difficult))
-    return height, width, objects
+            box = None
+        difficult = (obj.findtext("difficult") or "0").strip().lower() in ("1", "true")
+        objects.append(_Object(name=name, box=box, difficult=difficult))
+    file_name = (root.findtext("filename") or "").strip() or None
+    return _Annotation(file_name=file_name, height=height, width=width, objects=objects)
+
+
+def _int_or_none(element: ET.Element | None, tag: str) -> int | None:
+    try:
+        value = int(float(element.findtext(tag)))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if value > 0 else None

@@ -6,75 +6,94 @@ from pathlib import Path
 
 import yaml
 
-from detkd.data.formats.base import FORMATS, DetectionSource, make_record
-from detkd.data.formats.voc import IMAGE_SUFFIXES, stable_image_id
-from detkd.data.images import image_size
+from detkd.data.formats.base import (
+    FORMATS,
+    IMAGE_SUFFIXES,
+    DetectionSource,
+    checked_size,
+    make_record,
+    read_annotation_text,
+    stable_image_id,
+)
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
+NAME_FILES = ("data.yaml", "dataset.yaml", "classes.txt", "obj.names")
+
 
 def read_names(root: Path) -> list[str]:
-    for name in ("data.yaml", "dataset.yaml"):
+    """Class names from ``data.yaml`` / ``dataset.yaml`` (``names:`` list or {index: name}),
+    else ``classes.txt`` / ``obj.names`` (one a line)."""
+    for name in NAME_FILES[:2]:
         path = root / name
-        if path.is_file():
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(read_annotation_text(path)) or {}
+        except yaml.YAMLError as exc:
+            raise DataError(f"{path}: invalid YAML ({exc})") from None
+        names = data.get("names") if isinstance(data, dict) else None
+        if isinstance(names, dict):
             try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise DataError(f"{path}: invalid YAML ({exc})") from None
-            names = data.get("names")
-            if isinstance(names, dict):
-                return [str(names[k]) for k in sorted(names)]
-            if isinstance(names, list):
-                return [str(n) for n in names]
-            raise DataError(f"{path}: no 'names' list or mapping")
-    for name in ("classes.txt", "obj.names"):
+                keys = sorted(int(k) for k in names)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: 'names' mapping keys must be class indices 0..K-1") from None
+            if keys != list(range(len(keys))):
+                raise DataError(f"{path}: 'names' mapping keys must be 0..{len(keys) - 1}, got {keys}")
+            by_index = {int(k): str(v) for k, v in names.items()}
+            return [by_index[k] for k in keys]
+        if isinstance(names, list) and names:
+            return [str(n) for n in names]
+        raise DataError(f"{path}: no 'names' list or mapping")
+    for name in NAME_FILES[2:]:
         path = root / name
         if path.is_file():
-            return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    raise DataError(f"{root}: no class names (data.yaml with 'names', classes.txt or obj.names)")
+            return [ln.strip() for ln in read_annotation_text(path).splitlines() if ln.strip()]
+    raise DataError(f"{root}: no class names; looked for {', '.join(NAME_FILES)} (or pass names=)")
 
 
 @FORMATS.register("yolo")
 class YoloSource(DetectionSource):
+    """``root/images/{split}/*`` with ``root/labels/{split}/*.txt`` beside them (same relative path).
+
+    An image without a label file is a negative; a label line with a wrong field count or a class
+    index out of range is counted and skipped. Sizes come from the image headers.
+    """
+
     format_name = "yolo"
 
     def __init__(self, root: str | Path, split: str = "train", names: list[str] | None = None) -> None:
         root = Path(root)
         problems = ProblemLog()
-        names = names or read_names(root)
+        names = list(names) if names else read_names(root)
         image_dir, label_dir = root / "images" / split, root / "labels" / split
         if not image_dir.is_dir():
             raise DataError(f"{image_dir}: split folder not found")
-        records = []
-        for file in sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                height, width = image_size(file)
-            except DataError as exc:
-                problems.add("unreadable image", file, f"{exc}, image skipped")
+        files = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        records, labelled = [], set()
+        for file in files:
+            rel = file.relative_to(image_dir).with_suffix("")
+            label_file = label_dir / rel.with_suffix(".txt")
+            labelled.add(label_file)
+            size = checked_size(file, height=None, width=None, problems=problems)
+            if size is None:
                 continue
-            rel = file.relative_to(image_dir).with_suffix(".txt")
+            height, width = size
             boxes, labels = [], []
-            label_file = label_dir / rel
-            lines = label_file.read_text().splitlines() if label_file.is_file() else []  # no file: a negative
-            for n, line in enumerate(lines, 1):
-                parts = line.split()
-                if not parts:
+            text = read_annotation_text(label_file, allow_empty=True) if label_file.is_file() else ""
+            for n, line in enumerate(text.splitlines(), 1):
+                parsed = _parse_line(line, len(names))
+                if isinstance(parsed, str):
+                    problems.add("malformed label line", label_file, f"line {n}: {parsed}, skipped")
                     continue
-                try:
-                    if len(parts) != 5:
-                        raise ValueError(f"{len(parts)} fields, expected 5")
-                    cls, cx, cy, w, h = int(parts[0]), *(float(v) for v in parts[1:])
-                    if not 0 <= cls < len(names):
-                        raise ValueError(f"class {cls} outside 0..{len(names) - 1}")
-                except ValueError as exc:
-                    problems.add("malformed label line", label_file, f"line {n}: {exc}, skipped")
+                if parsed is None:
                     continue
+                cls, cx, cy, w, h = parsed
                 boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
                 labels.append(cls + 1)
-            image_id = stable_image_id(str(rel.with_suffix("")))
             records.append(
                 make_record(
-                    image_id=image_id,
+                    image_id=stable_image_id(rel.as_posix()),
                     file=file,
                     height=height,
                     width=width,
@@ -84,4 +103,24 @@ class YoloSource(DetectionSource):
                     report_file=label_file,
                 )
             )
+        if label_dir.is_dir():
+            for orphan in sorted(set(label_dir.rglob("*.txt")) - labelled):
+                problems.add("label without image", orphan, f"no image for it in {image_dir}, skipped")
         super().__init__(records, names, problems)
+
+
+def _parse_line(line: str, num_classes: int) -> tuple[int, float, float, float, float] | str | None:
+    """(class, cx, cy, w, h); None for a blank line; the reason as a string when malformed."""
+    parts = line.split()
+    if not parts:
+        return None
+    if len(parts) != 5:
+        return f"{len(parts)} fields, expected 5 (class cx cy w h)"
+    try:
+        cls_value = float(parts[0])
+        cx, cy, w, h = (float(v) for v in parts[1:])
+    except ValueError:
+        return f"non-numeric field in {line.strip()!r}"
+    if not cls_value.is_integer() or not 0 <= cls_value < num_classes:
+        return f"class {parts[0]} outside 0..{num_classes - 1}"
+    return int(cls_value), cx, cy, w, h
