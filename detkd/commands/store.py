@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--size", type=int, nargs="+", default=[128], help="training scale(s): longer image side")
     b.add_argument("--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd")
     b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense")
-    b.add_argument("--top-k", type=int, default=None, help="cells kept per level (default: 384 // stride)")
+    b.add_argument(
+        "--top-k", default=None, help="cells kept per level: one number or p3=48,p4=24,... (default: 384 // stride)"
+    )
     b.add_argument("--density", type=float, default=None, help="cap cells per level at this fraction of valid cells")
     b.add_argument("--kernel", type=int, default=3, help="NMS window (k x k)")
     b.add_argument("--threshold", type=float, default=0.0, help="relative saliency threshold")
@@ -28,7 +30,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="store unflipped views only and serve flips by mirroring cells (approximate, smaller)",
     )
-    b.add_argument("--importance", action="store_true", help="also store GKD gradient-importance maps (dense)")
+    b.add_argument(
+        "--importance",
+        action="store_true",
+        help="also store GKD gradient-importance maps (needs --policy dense --channel-group 1)",
+    )
+    b.add_argument(
+        "--importance-mode",
+        choices=["signed", "abs"],
+        default="signed",
+        help="Grad-CAM form of the stored maps: signed (paper) or abs (released GKD code)",
+    )
+    b.add_argument("--teacher-ap", type=float, default=None, help="record this teacher AP (default: the checkpoint's)")
     b.add_argument("--shard", type=int, default=None, help="build shard i of --num-shards (one process each)")
     b.add_argument("--num-shards", type=int, default=None)
     b.add_argument("--batch-size", type=int, default=8)
@@ -61,16 +74,15 @@ def run_build(args: argparse.Namespace) -> int:
 
     if (args.shard is None) != (args.num_shards is None):
         raise ConfigError("--shard and --num-shards go together")
-    per_level = {}
-    for item in filter(None, args.per_level.split(",")):
-        level, _, mode = item.partition("=")
-        per_level[level.strip()] = mode.strip()
+    top_k = None
+    if args.top_k is not None:
+        top_k = _level_map("--top-k", args.top_k, int) if "=" in args.top_k else _number("--top-k", args.top_k, int)
     policy = SelectionPolicy(
         name=args.policy,
-        per_level=per_level,
+        per_level=_level_map("--per-level", args.per_level, str),
         kernel=args.kernel,
         threshold=args.threshold,
-        top_k=args.top_k,
+        top_k=top_k,
         density=args.density,
         channel_group=args.channel_group,
     )
@@ -88,14 +100,41 @@ def run_build(args: argparse.Namespace) -> int:
         shard=args.shard,
         num_shards=args.num_shards,
         with_importance=args.importance,
+        importance_mode={"channel_mode": args.importance_mode, "activation_mode": args.importance_mode},
         mirror_flips=args.mirror_flips,
+        teacher_ap=args.teacher_ap,
         progress=not args.no_progress,
         device=resolve_device(args.device),
     )
-    print(f"store {args.out}: {manifest.counts['records']} records of {manifest.counts['images']} images")
-    if args.shard is None:
-        run_info(argparse.Namespace(store=args.out))
-    return 0
+    if args.shard is not None:
+        print(
+            f"store {args.out} shard {args.shard}/{args.num_shards}: {manifest.counts['records']} records of "
+            f"{manifest.counts['images']} images; run `detkd store merge {args.out}` once every shard is built"
+        )
+        return 0
+    return run_info(argparse.Namespace(store=args.out))
+
+
+def _number(flag: str, text: str, kind: type):
+    from detkd.errors import ConfigError
+
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r} is not a {kind.__name__}") from None
+
+
+def _level_map(flag: str, text: str, kind: type) -> dict:
+    """ "p6=dense,p7=dense" -> {"p6": "dense", "p7": "dense"} (values converted by ``kind``)."""
+    from detkd.errors import ConfigError
+
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        level, sep, value = item.partition("=")
+        if not sep or not level.strip() or not value.strip():
+            raise ConfigError(f"{flag}: {item!r} is not LEVEL=VALUE (e.g. {flag} p6=dense,p7=dense)")
+        out[level.strip()] = _number(flag, value.strip(), kind)
+    return out
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -107,11 +146,10 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from detkd.store.build import read_build_info
     from detkd.store.reader import store_info
 
     info = store_info(args.store)
-    build = read_build_info(args.store)
+    build = info["extra"]
     print(
         f"store {info['path']} (format v{info['format_version']}, {'complete' if info['complete'] else 'INCOMPLETE'})"
     )
@@ -140,8 +178,17 @@ def run_info(args: argparse.Namespace) -> int:
         f"  bytes per image-view: {info['bytes_per_image_view']:.0f} stored vs {info['dense_fp16_bytes_per_view']} "
         f"dense fp16 FPN maps = {100 * info['ratio_to_dense']:.2f} %"
     )
+    pre = info["preprocessing"]
+    print(
+        f"  canvas {pre.get('canvas')}px, mirror flips {'on' if pre.get('mirror_flips') else 'off'}, "
+        f"importance maps {'on' if pre.get('importance') else 'off'}"
+    )
     if build.get("image_views_per_second"):
-        print(f"  last build: {build['built_now']} image-views at {build['image_views_per_second']:.1f}/s")
+        print(
+            f"  build: {build['built']} image-views in {build['seconds']:.1f} s = "
+            f"{build['image_views_per_second']:.1f}/s"
+            + (f" by {build['shards']} shards" if "shards" in build else f" over {build.get('runs', 1)} run(s)")
+        )
     return 0
 
 

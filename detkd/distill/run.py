@@ -57,14 +57,15 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
 
     train_dataset = None
     if is_store(cfg.teacher):
-        from detkd.store.build import read_build_info
         from detkd.store.reader import StoreReader
         from detkd.store.replay import check_store_for_run, providers
 
         reader = StoreReader(cfg.teacher)
-        check_store_for_run(reader, source=bundle.train_source, policy=bundle.policy)
+        check_store_for_run(
+            reader, source=bundle.train_source, policy=bundle.policy, student=student, levels=cfg.levels
+        )
         teacher = StoredTeacher(reader)
-        view_provider, knowledge_provider = providers(reader, bundle.train_source)
+        view_provider, knowledge_provider = providers(reader, bundle.train_source, bundle.policy)
         train_dataset = ViewedDataset(
             bundle.train_source,
             bundle.policy,
@@ -79,7 +80,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             stored=True,
             teacher_hash=reader.manifest.teacher_hash,
             inherit=False,
-            teacher_ap=read_build_info(cfg.teacher).get("teacher_ap"),
+            teacher_ap=reader.extra.get("teacher_ap"),
         )
         if run_info["teacher_ap"] is not None:
             log.info("stored teacher's AP (measured at build time): %.4f", run_info["teacher_ap"])

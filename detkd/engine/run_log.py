@@ -1,140 +1,280 @@
 """Run-directory logs: long-format CSV, metrics JSONL, optional TensorBoard, and a PNG of the curves.
 
-The CSV is long format (step, epoch, phase, key, value) so new loss terms never need a header
-rewrite, and a resumed run can drop the rows of epochs it is about to redo.
+``log.csv`` is long format (``step,epoch,phase,key,value``, one row per value) rather than one
+column per key: a loss term that appears later (a distiller switched on after warm-up, a
+validation loss) needs no header rewrite, rows from different phases never leave holes, and
+dropping the epochs a resumed run redoes is a plain row filter. ``metrics.jsonl`` holds one JSON
+object per evaluated epoch (nested values such as per-class AP included).
+
+Resuming: opening an existing run directory appends. ``truncate_after(epoch)`` drops the rows and
+metric lines of later epochs and makes TensorBoard hide their events (``purge_step``), so curves
+never show a stretch twice. A row cut off by a crash is dropped when the file is opened again.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-from collections import defaultdict
+import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CSV_FIELDS = ["step", "epoch", "phase", "key", "value"]
+CSV_NAME = "log.csv"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "curves.png"
 
 
 class RunLogger:
+    """Appends scalars to ``run_dir/log.csv`` (and TensorBoard in ``run_dir/tb``) and metrics to JSONL."""
+
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = self.run_dir / "log.csv"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        new = not self.csv_path.exists()
-        self._csv = open(self.csv_path, "a", newline="")  # noqa: SIM115 (closed in close())
-        self._writer = csv.writer(self._csv)
-        if new:
-            self._writer.writerow(CSV_FIELDS)
-        self._tb = None
-        if tensorboard:
+        self.csv_path = self.run_dir / CSV_NAME
+        self.metrics_path = self.run_dir / METRICS_NAME
+        self._tensorboard = tensorboard
+        self._tb = None  # SummaryWriter, opened on first use
+        self._purge_step: int | None = None
+        _drop_partial_last_line(self.csv_path)
+        _drop_partial_last_line(self.metrics_path)
+        if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
+            _atomic_write(self.csv_path, _csv_text([CSV_FIELDS]))
+        # Metrics without an explicit step go to TensorBoard at the last step seen, also across a resume.
+        self._step = max(0, self._last_step())
+        self._open_csv()
+
+    def log_scalars(self, step: int, epoch: int, values: Mapping[str, float], phase: str = "train") -> None:
+        """One row per value; TensorBoard tag ``{phase}/{key}``."""
+        tb = self._tb_writer()
+        for key, value in values.items():
+            v = float(value)
+            self._writer.writerow([int(step), int(epoch), phase, key, repr(v)])
+            if tb is not None:
+                tb.add_scalar(f"{phase}/{key}", v, int(step))
+        self._csv.flush()
+        self._step = max(self._step, int(step))
+
+    def log_metrics(self, epoch: int, metrics: Mapping, *, step: int | None = None) -> None:
+        """One JSON line ``{"epoch", "step", **metrics}``; numbers (and dicts of numbers) to TensorBoard.
+
+        ``step`` defaults to the last step logged, so validation curves share the training x axis.
+        """
+        step = self._step if step is None else int(step)
+        self._step = max(self._step, step)
+        with open(self.metrics_path, "a") as f:
+            f.write(_json_line({**metrics, "epoch": int(epoch), "step": step}))
+        tb = self._tb_writer()
+        if tb is not None:
+            for tag, v in _numbers(metrics, prefix="val"):
+                tb.add_scalar(tag, v, step)
+            tb.flush()
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop everything logged for epochs > ``epoch`` (a resumed run redoes them); -1 drops all."""
+        self._csv.close()
+        rows = [[r[k] for k in CSV_FIELDS] for r in _csv_rows(self.csv_path) if r["epoch"] <= epoch]
+        _atomic_write(self.csv_path, _csv_text([CSV_FIELDS, *rows]))
+        lines = [m for m in _read_jsonl(self.metrics_path) if m.get("epoch", -1) <= epoch]
+        _atomic_write(self.metrics_path, "".join(_json_line(m) for m in lines))
+        kept = self._last_step()
+        self._step = max(0, kept)
+        self._open_csv()
+        if self._tensorboard:
+            # A writer opened with purge_step makes TensorBoard hide the older events at steps >= it.
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            self._purge_step = kept + 1
+
+    def close(self) -> None:
+        if not self._csv.closed:
+            self._csv.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_csv(self) -> None:
+        self._csv = open(self.csv_path, "a", newline="")  # noqa: SIM115 - kept open, closed in close()
+        self._writer = csv.writer(self._csv, lineterminator="\n")
+
+    def _last_step(self) -> int:
+        """Largest step in the CSV and metrics lines, -1 if none."""
+        steps = [r["step"] for r in _csv_rows(self.csv_path)]
+        steps += [m["step"] for m in _read_jsonl(self.metrics_path) if isinstance(m.get("step"), int)]
+        return max(steps, default=-1)
+
+    def _tb_writer(self):
+        if not self._tensorboard:
+            return None
+        if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
-            except Exception as exc:  # tensorboard missing or broken: logs still go to CSV
-                log.debug("TensorBoard disabled: %s", exc)
-
-    def log_scalars(self, step: int, epoch: int, values: dict[str, float], phase: str = "train") -> None:
-        for k, v in values.items():
-            self._writer.writerow([step, epoch, phase, k, f"{float(v):.6g}"])
-            if self._tb is not None:
-                self._tb.add_scalar(f"{phase}/{k}", float(v), step)
-        self._csv.flush()
-
-    def log_metrics(self, epoch: int, metrics: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self._tb.add_scalar(f"val/{k}", float(v), epoch)
-            self._tb.flush()
-
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs > ``epoch`` (a run resumed from an older checkpoint redoes them)."""
-        self._csv.close()
-        rows = list(csv.reader(open(self.csv_path, newline="")))  # noqa: SIM115
-        kept = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= epoch] if rows else [CSV_FIELDS]
-        with open(self.csv_path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        if self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-            lines = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
-        self._csv = open(self.csv_path, "a", newline="")  # noqa: SIM115
-        self._writer = csv.writer(self._csv)
-
-    def close(self) -> None:
-        self._csv.close()
-        if self._tb is not None:
-            self._tb.close()
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
+            except Exception as exc:  # tensorboard missing or broken: the CSV and JSONL still have it all
+                log.warning("TensorBoard logging disabled: %s", exc)
+                self._tensorboard = False
+                return None
+        return self._tb
 
 
-def read_log(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """``{key: [(step, value), ...]}`` for the training phase."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    path = Path(run_dir) / "log.csv"
-    if path.exists():
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row["phase"] == "train":
-                    series[row["key"]].append((int(row["step"]), float(row["value"])))
-    return dict(series)
+def read_log(run_dir: str | Path, *, phase: str = "train") -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` of one phase, by step; a step logged twice keeps its last value."""
+    series: dict[str, dict[int, float]] = {}
+    for row in _csv_rows(Path(run_dir) / CSV_NAME):
+        if row["phase"] == phase:
+            series.setdefault(row["key"], {})[row["step"]] = row["value"]
+    return {key: sorted(points.items()) for key, points in series.items()}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The metrics lines in order written; a line that does not parse (a crash mid-write) is skipped."""
+    return _read_jsonl(Path(run_dir) / METRICS_NAME)
 
 
 def plot_run(run_dir: str | Path) -> Path:
-    """Loss terms per step (left) and AP / AP50 per epoch (right) -> run_dir/curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training loss terms per step (smoothed, left) and AP / AP50 per epoch (right) -> run_dir/curves.png."""
+    # The object API with no pyplot: no global backend switch, no figure registry to leak from.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
-    series = read_log(run_dir)
-    metrics = read_metrics(run_dir)
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    series = {k: v for k, v in read_log(run_dir).items() if k != "lr" and v}
+    by_epoch = {m["epoch"]: m for m in read_metrics(run_dir) if "epoch" in m}  # last line of an epoch wins
+
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_map = fig.subplots(1, 2)
+    all_values = [v for points in series.values() for _, v in points]
     for key, points in sorted(series.items()):
-        if key == "lr" or not points:
-            continue
         steps, values = zip(*points, strict=True)
-        ax_loss.plot(steps, _smooth(values), label=key, linewidth=1.2 if key == "loss" else 0.8)
+        ax_loss.plot(steps, _smooth(values), label=key, linewidth=1.4 if key == "loss" else 0.9)
+    if series:
+        if all(v > 0 for v in all_values if math.isfinite(v)):
+            ax_loss.set_yscale("log")  # loss terms span decades; a negative term forbids it
+        ax_loss.legend(fontsize=7, ncol=2)
+    else:
+        ax_loss.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_yscale("log")
-    if ax_loss.lines:
-        ax_loss.legend(fontsize=6, ncol=2)
+    ax_loss.set_ylabel("training loss (smoothed)")
+
     plotted = False
     for key in ("AP", "AP50"):
-        pts = [(m["epoch"] + 1, m[key]) for m in metrics if key in m]
-        if pts:
-            ax_map.plot(*zip(*pts, strict=True), marker="o", label=key)
+        points = sorted((e + 1, m[key]) for e, m in by_epoch.items() if isinstance(m.get(key), (int, float)))
+        if points:
+            ax_map.plot(*zip(*points, strict=True), marker="o", label=key)  # epochs 1-based, as in the progress bar
             plotted = True
-    ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("mAP")
-    ax_map.set_ylim(bottom=0)
     if plotted:
         ax_map.legend()
+        ax_map.set_ylim(bottom=0)
+    else:
+        ax_map.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_map.transAxes)
+    ax_map.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("mAP")
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    out = run_dir / PLOT_NAME
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, out)  # a viewer never sees a half-written image
     return out
 
 
-def _smooth(values, alpha: float = 0.9) -> list[float]:
-    out, acc = [], None
+def _smooth(values, max_alpha: float = 0.9) -> list[float]:
+    """Debiased EMA (as TensorBoard's slider); weaker for short series so they do not lag."""
+    alpha = min(max_alpha, max(0.0, 1.0 - 10.0 / len(values)))
+    out, acc, weight = [], 0.0, 0.0
     for v in values:
-        acc = v if acc is None else alpha * acc + (1 - alpha) * v
-        out.append(acc)
+        acc = alpha * acc + (1 - alpha) * v
+        weight = alpha * weight + (1 - alpha)
+        out.append(acc / weight)
     return out
+
+
+def _numbers(metrics: Mapping, *, prefix: str) -> Iterator[tuple[str, float]]:
+    for key, value in metrics.items():
+        if key in ("epoch", "step") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            yield f"{prefix}/{key}", float(value)
+        elif isinstance(value, Mapping):  # e.g. per_class_ap -> val/per_class_ap/<class>
+            yield from _numbers(value, prefix=f"{prefix}/{key}")
+
+
+def _csv_rows(path: Path) -> Iterator[dict]:
+    """Parsed rows of log.csv; malformed rows are skipped rather than failing a whole run's plots."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                yield {
+                    "step": int(row["step"]),
+                    "epoch": int(row["epoch"]),
+                    "phase": row["phase"],
+                    "key": row["key"],
+                    "value": float(row["value"]),
+                }
+            except (TypeError, ValueError, KeyError):
+                continue
+
+
+def _csv_text(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([[repr(v) if isinstance(v, float) else v for v in r] for r in rows])
+    return buf.getvalue()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out
+
+
+def _json_line(item: Mapping) -> str:
+    return json.dumps(item, default=_to_builtin) + "\n"
+
+
+def _to_builtin(obj):
+    # numpy / torch scalars and arrays that slipped into a metrics dict
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot write {type(obj).__name__} to {METRICS_NAME}")
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    # A crash mid-write leaves a line without its newline; appending would glue the next row onto it.
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+    data = path.read_bytes()
+    _atomic_write(path, data[: data.rfind(b"\n") + 1].decode())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

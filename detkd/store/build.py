@@ -1,16 +1,22 @@
 """Building a knowledge store: the teacher runs once over every (image, view), selection, writing.
 
-The teacher sees exactly what it would see during online distillation: the same replayable
-view, the same fixed canvas and the same Collate, so a stored record equals the teacher's
-features for that view at training time (up to fp16). Building is restartable (records that
-are already committed are skipped) and can be split into shards, one process each.
+The teacher sees exactly what it would see during online distillation: the same replayable view
+through the same ViewedDataset, the same fixed canvas and the same Collate, so a stored record is
+the teacher's features for that view at training time (bit for bit before the fp16 cast when the
+batch composition matches; conv kernels may round differently across batch sizes).
+
+Restart: records are committed in small LMDB transactions and the build skips every (image, view)
+already in the store, so a killed build rerun with the same arguments continues where it stopped.
+Sharding: process i of n builds the images ``shard_indices(len(source), shard=i, num_shards=n)``
+into its own shard; ``merge_shards`` joins them. Mirroring: with ``mirror_flips`` only unflipped
+views are built and training serves flipped views by mirroring the cells (``mirror_levels``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,39 +25,56 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
-from detkd.data.loader import Collate, ViewedDataset
-from detkd.data.views import View
+from detkd.data.loader import Batch, Collate, ViewedDataset
+from detkd.data.sample import Record
+from detkd.data.views import View, ViewPolicy
 from detkd.models.checkpoint import file_sha256, load_detector
+from detkd.models.detector import Detector
 from detkd.store.format import LevelRecord, Manifest, StoreError
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import StoreWriter, shard_indices
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = "build_info.json"
+# Names the preprocessing of ``apply_view`` + ``Collate``; a store built under another rule is refused.
+RESIZE_RULE = "longer-side, bilinear antialias, top-left on a zero canvas"
+DEFAULT_IMPORTANCE_MODE = {"channel_mode": "signed", "activation_mode": "signed"}  # gkd.importance_maps defaults
+
+
+@dataclass(frozen=True)
+class FixedView:
+    """A picklable view provider that always answers one view (one build pass per view)."""
+
+    view: View
+
+    def __call__(self, record: Record, rng) -> View:
+        return self.view
 
 
 class _PairDataset(Dataset):
-    """(image index, view) pairs through the training pipeline with the view forced."""
+    """(image index, view) pairs through the training pipeline, one ViewedDataset per view."""
 
-    def __init__(self, source: DetectionSource, pairs: list[tuple[int, View]]) -> None:
+    def __init__(self, source: DetectionSource, pairs: list[tuple[int, View]], views: list[View]) -> None:
         self.pairs = pairs
-        self.inner = ViewedDataset(source, policy=None, train=False)
+        self.datasets = {
+            v: ViewedDataset(source, ViewPolicy(sizes=(v.size,)), train=False, view_provider=FixedView(v))
+            for v in views
+        }
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
         index, view = self.pairs[i]
-        self.inner.view_provider = lambda record, rng, v=view: v
-        return self.inner[index]
+        return self.datasets[view][index]
 
 
-def preprocessing_of(detector, *, canvas: int) -> dict:
+def preprocessing_of(detector: Detector, *, canvas: int, views: list[View]) -> dict:
     """What must match between a store and a run for stored features to be the teacher's features."""
     return {
         "canvas": int(canvas),
-        "resize": "longer-side, bilinear antialias, top-left on a zero canvas",
+        "sizes": sorted({v.size for v in views}),
+        "resize": RESIZE_RULE,
         "image_mean": [round(float(v), 6) for v in detector.spec["image_mean"]],
         "image_std": [round(float(v), 6) for v in detector.spec["image_std"]],
     }
@@ -62,7 +85,7 @@ def build_store(
     teacher_checkpoint: str | Path,
     source: DetectionSource,
     policy: SelectionPolicy,
-    views: list[View],
+    views: list[View] | None = None,
     canvas: int,
     out_dir: str | Path,
     batch_size: int = 8,
@@ -70,104 +93,146 @@ def build_store(
     shard: int | None = None,
     num_shards: int | None = None,
     with_importance: bool = False,
+    importance_mode: dict | None = None,
     mirror_flips: bool = False,
     progress: bool = True,
     teacher_ap: float | None = None,
     device: str | torch.device = "cpu",
 ) -> Manifest:
+    """Run the teacher over every (image, view) of ``source`` not yet in ``out_dir`` and store its selection.
+
+    ``views`` defaults to both flips at the canvas size. ``with_importance`` also stores GKD's
+    gradient-importance map ([1, h, w] fp16, key "gi") and channel weights ([C] fp32, "gc") per
+    level (dense policy, channel_group 1), computed with ``importance_mode`` (``importance_maps``
+    keyword arguments). ``teacher_ap`` defaults to the AP recorded in the checkpoint's metrics.
+    Returns the manifest as saved (counts of this shard's writer in sharded mode).
+    """
     out_dir = Path(out_dir)
-    teacher, _ = load_detector(teacher_checkpoint)
+    teacher, payload = load_detector(teacher_checkpoint)
     teacher.eval().requires_grad_(False).to(device)
-    if with_importance and any(policy.mode_for(lv) != "dense" for lv in teacher.levels):
-        raise StoreError("--importance (stored GKD) needs the dense policy: GKD imitates whole maps")
+    names = payload.get("class_names")
+    if names and names != source.class_names:
+        raise StoreError(f"{teacher_checkpoint}: teacher classes {names} differ from the data's {source.class_names}")
+    top_k = policy.top_k if isinstance(policy.top_k, dict) else {}
+    unknown = sorted((set(policy.per_level) | set(top_k)) - set(teacher.levels))
+    if unknown:
+        raise StoreError(f"selection policy names level(s) {unknown}; the teacher's levels are {teacher.levels}")
+    views = list(views) if views is not None else ViewPolicy(sizes=(canvas,), flip_prob=0.5).all_views()
+    if mirror_flips:  # a flipped view is served from its unflipped twin, which must be built
+        views = sorted(set(views) | {View(size=v.size, flip=False) for v in views})
+    too_big = [v.key for v in views if v.size > canvas]
+    if too_big:
+        raise StoreError(f"views {too_big} are larger than the {canvas}px canvas; raise the canvas")
+    importance = None
+    if with_importance:
+        importance = {**DEFAULT_IMPORTANCE_MODE, **(importance_mode or {})}
+        if any(policy.mode_for(lv) != "dense" for lv in teacher.levels) or policy.channel_group != 1:
+            raise StoreError(
+                "--importance (stored GKD) needs --policy dense and --channel-group 1: GKD imitates whole, "
+                "full-width maps"
+            )
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
-    shapes = {lv: [-(-canvas // s), -(-canvas // s)] for lv, s in teacher.strides.items()}
     manifest = Manifest(
         teacher_hash=file_sha256(teacher_checkpoint),
         architecture=dict(teacher.spec),
         preprocessing={
-            **preprocessing_of(teacher, canvas=canvas),
+            **preprocessing_of(teacher, canvas=canvas, views=views),
             "mirror_flips": bool(mirror_flips),
-            "importance": bool(with_importance),
+            "importance": importance or False,
         },
         levels=list(teacher.levels),
         strides=dict(teacher.strides),
         channels=dict(teacher.channels),
-        feature_shapes=shapes,
+        feature_shapes=_feature_shapes(teacher, canvas, device),
         policy=policy.to_dict(),
         views=[v.to_dict() for v in views],
         dataset_fingerprint=source.fingerprint(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    if teacher_ap is None:
+        teacher_ap = (payload.get("metrics") or {}).get("AP")
     indices = range(len(source)) if shard is None else shard_indices(len(source), shard=shard, num_shards=num_shards)
-    writer = StoreWriter(out_dir, manifest, shard=shard, num_shards=num_shards)
-    try:
+    with StoreWriter(out_dir, manifest, shard=shard, num_shards=num_shards) as writer:
         todo = [(i, v) for i in indices for v in stored_views if not writer.has(source.records[i].image_id, v)]
-        done_before = len(indices) * len(stored_views) - len(todo)
-        if done_before:
-            log.info("%s: %d records already built, %d to go", out_dir, done_before, len(todo))
-        t0 = time.perf_counter()
+        total = len(indices) * len(stored_views)
+        if total > len(todo):
+            log.info("%s: %d of %d image-views already built, %d to go", out_dir, total - len(todo), total, len(todo))
         loader = DataLoader(
-            _PairDataset(source, todo),
+            _PairDataset(source, todo, stored_views),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
             collate_fn=Collate(canvas),
         )
-        bar = tqdm(total=len(todo), desc="store build", unit="view", disable=not progress, dynamic_ncols=True)
-        for batch in loader:
-            if len(batch):
-                batch = batch.to(device)
-                for image_id, view, record in _select_batch(teacher, batch, policy, with_importance):
-                    writer.write(image_id, view, record)
-            bar.update(len(batch) + batch.skipped)
-        bar.close()
+        t0 = time.perf_counter()
+        skipped = 0
+        with tqdm(
+            total=total,
+            initial=total - len(todo),
+            desc="store build",
+            unit="view",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar:
+            for batch in loader:
+                if len(batch):
+                    for image_id, view, record in select_batch(teacher, batch.to(device), policy, importance):
+                        writer.write(image_id, view, record)
+                skipped += batch.skipped
+                bar.update(len(batch) + batch.skipped)
         seconds = time.perf_counter() - t0
-    finally:
-        writer.close()
-    info = {
-        "teacher_checkpoint": str(teacher_checkpoint),
-        "teacher_ap": teacher_ap,
-        "seconds": seconds,
-        "image_views_per_second": len(todo) / max(seconds, 1e-9),
-        "built_now": len(todo),
-    }
-    (out_dir / BUILD_INFO).write_text(json.dumps(info, indent=2))
-    return Manifest.load(out_dir)
+        if skipped:
+            log.warning("%d image-views skipped (unreadable images, see above); rerun to retry them", skipped)
+        built = len(todo) - skipped
+        extra = writer.extra
+        extra.update(
+            teacher_checkpoint=str(teacher_checkpoint),
+            teacher_ap=teacher_ap if teacher_ap is not None else extra.get("teacher_ap"),
+            seconds=extra.get("seconds", 0.0) + seconds,
+            built=extra.get("built", 0) + built,
+            runs=extra.get("runs", 0) + 1,
+            last_run={"built": built, "seconds": seconds, "image_views_per_second": built / max(seconds, 1e-9)},
+        )
+        extra["image_views_per_second"] = extra["built"] / max(extra["seconds"], 1e-9)
+    log.info("%s: built %d image-views in %.1f s (%.1f/s)", out_dir, built, seconds, built / max(seconds, 1e-9))
+    result = Manifest.from_dict(writer.manifest.to_dict())
+    result.counts, result.extra = writer.counts, dict(writer.extra)  # a shard's own (the manifest's wait for merge)
+    return result
 
 
-def _select_batch(teacher, batch, policy: SelectionPolicy, with_importance: bool):
-    importance = channel = None
-    if with_importance:
+def _feature_shapes(teacher: Detector, canvas: int, device) -> dict[str, list[int]]:
+    # Probed, not computed from strides: the levels' padding arithmetic is the backbone's business.
+    with torch.no_grad():
+        feats = teacher.features(torch.zeros(1, 3, canvas, canvas, device=device), [(canvas, canvas)])
+    return {lv: list(f.shape[-2:]) for lv, f in feats.items()}
+
+
+def select_batch(teacher: Detector, batch: Batch, policy: SelectionPolicy, importance: dict | None):
+    """Teacher forward on one batch, then per image view: (image_id, view, {level: LevelRecord})."""
+    detections = spatial = channel = None
+    if importance is not None:
         from detkd.distill.gkd import importance_maps
         from detkd.distill.teacher import teacher_importance
 
         maps, channel = teacher_importance(
-            teacher, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps
+            teacher, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps, **importance
         )
         feats = maps.pop("_features")
-        importance = maps
+        spatial = maps
     else:
         with torch.no_grad():
             raw = teacher.backbone_features(batch.images, batch.image_sizes)
             feats = teacher.name_features(raw)
-    detections = None
-    if any(policy.mode_for(lv) == "detections" for lv in feats):
-        with torch.no_grad():
-            raw = teacher.backbone_features(batch.images, batch.image_sizes)
-            detections = teacher.predict_from_features(raw, batch.images, batch.image_sizes)
+            if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
+                detections = teacher.predict_from_features(raw, batch.images, batch.image_sizes)
     for j, (image_id, view, size) in enumerate(zip(batch.image_ids, batch.views, batch.image_sizes, strict=True)):
-        per_image = {lv: f[j].float().cpu() for lv, f in feats.items()}
-        dets = None if detections is None else {k: v.cpu() for k, v in detections[j].items()}
+        per_image = {lv: f[j].detach() for lv, f in feats.items()}
+        dets = None if detections is None else {k: v.detach() for k, v in detections[j].items()}
         record = policy.select_image(per_image, image_size=size, strides=teacher.strides, detections=dets)
-        if importance is not None:
+        if spatial is not None:
             for lv, rec in record.items():
                 h, w = rec.dense.shape[-2:]
-                extras = {"gi": importance[lv][j, :, :h, :w].half().cpu(), "gc": channel[lv][j].half().cpu()}
+                # Gradient channel means are tiny (they scale with the loss): fp16 would flush them to 0.
+                extras = {"gi": spatial[lv][j, :, :h, :w].half().cpu(), "gc": channel[lv][j].float().cpu()}
                 record[lv] = LevelRecord(dense=rec.dense, extras=extras)
         yield image_id, view, record
-
-
-def read_build_info(store_dir: str | Path) -> dict:
-    path = Path(store_dir) / BUILD_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -252,8 +252,9 @@ _ADVICE = {
     "strides": "a level's stride differs between the store and this run's teacher/student: check the architecture",
     "channels": "a level's channel count differs between the store and this run's teacher: check the architecture",
 }
-# Fields that change while a store is built or resumed; everything else is its identity.
-_VOLATILE = ("counts", "created", "tool_version", "complete")
+# Fields that change while a store is built or resumed (or only describe the build); everything
+# else is its identity.
+_VOLATILE = ("counts", "created", "tool_version", "complete", "extra")
 
 
 @dataclass
@@ -276,6 +277,7 @@ class Manifest:
     created: str = ""
     tool_version: str = __version__
     complete: bool = False  # set when a writer (or merge_shards) closed cleanly
+    extra: dict = field(default_factory=dict)  # build facts (teacher AP, build seconds, rate): not identity
 
     def __post_init__(self) -> None:
         self.levels = list(self.levels)

@@ -28,7 +28,7 @@ from detkd.store.format import (
 )
 from detkd.store.lmdb_env import iter_items, open_readonly
 from detkd.store.select import SelectionPolicy
-from detkd.store.writer import shard_problems, shard_status
+from detkd.store.writer import combine_extras, shard_problems, shard_status
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,14 @@ class StoreReader:
             for k, v in s["counts"].items():
                 total[k] += v
         return total
+
+    @property
+    def extra(self) -> dict:
+        """Build facts (teacher_ap, seconds, image_views_per_second, ...): the manifest's, or the shards' combined."""
+        status = shard_status(self.path)
+        if self.manifest.extra or not status:
+            return dict(self.manifest.extra)
+        return combine_extras([s.get("extra", {}) for s in status])
 
     def _envs(self):
         return [open_readonly(p) for p in self.env_paths]
@@ -230,13 +238,17 @@ def mirror_levels(
     record: dict[str, LevelRecord], *, image_size: tuple[int, int], strides: dict[str, int]
 ) -> dict[str, LevelRecord]:
     """Approximate the flipped view's record from the unflipped one's: x' = ceil(w / s) - 1 - x for
-    cells, a horizontal flip for dense maps (their stored width is already the valid width).
-    Conv features are only roughly flip-equivariant; extras are passed through unchanged."""
+    cells, a horizontal flip for dense maps (their stored width is already the valid width) and for
+    a dense level's extras of the map's spatial shape (e.g. GKD importance maps [1, h, w]); other
+    extras (per-channel weights, per-cell arrays) are passed through. Conv features are only roughly
+    flip-equivariant, so this is an approximation of the flipped view's record."""
     w = int(image_size[1])
     out: dict[str, LevelRecord] = {}
     for level, rec in record.items():
         if rec.is_dense:
-            out[level] = LevelRecord(dense=rec.dense.flip(-1), extras=dict(rec.extras))
+            hw = tuple(rec.dense.shape[-2:])
+            extras = {k: v.flip(-1) if v.dim() == 3 and tuple(v.shape[-2:]) == hw else v for k, v in rec.extras.items()}
+            out[level] = LevelRecord(dense=rec.dense.flip(-1), extras=extras)
             continue
         yx = rec.yx.clone() if rec.yx is not None else None
         if yx is not None:
@@ -328,6 +340,8 @@ def store_info(path: str | Path) -> dict:
         "dataset_fingerprint": m.dataset_fingerprint,
         "architecture": m.architecture,
         "policy": m.policy,
+        "preprocessing": m.preprocessing,
+        "extra": reader.extra,
         "levels": {
             lv: {"stride": m.strides[lv], "channels": m.channels[lv], "feature_shape": m.feature_shapes[lv]}
             for lv in m.levels

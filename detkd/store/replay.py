@@ -9,62 +9,111 @@ from detkd.data.formats.base import DetectionSource
 from detkd.data.sample import Record
 from detkd.data.views import View, ViewPolicy
 from detkd.errors import ConfigError
-from detkd.store.format import StoreError
+from detkd.models.detector import Detector
+from detkd.store.build import RESIZE_RULE
+from detkd.store.format import LevelRecord, StoreError
 from detkd.store.reader import StoreReader, mirror_levels
 
 
-def check_store_for_run(reader: StoreReader, *, source: DetectionSource, policy: ViewPolicy) -> None:
-    """Refuse a store whose data or preprocessing differ from the run, naming the field."""
+def check_store_for_run(
+    reader: StoreReader,
+    *,
+    source: DetectionSource,
+    policy: ViewPolicy,
+    student: Detector | None = None,
+    levels: list[str] | None = None,
+) -> None:
+    """Refuse a store that does not match the run, naming every differing field and what to change.
+
+    Checked: the data set (fingerprint of the training split), the preprocessing (canvas, resize
+    rule, view sizes) and, given the ``student``, the levels it distills (``levels``, default all
+    of the student's) against the stored levels and strides.
+    """
     m = reader.manifest
+    pre = m.preprocessing
+    problems: list[str] = []
     if m.dataset_fingerprint != source.fingerprint():
-        raise StoreError(
-            f"{reader.path}: dataset_fingerprint differs: the store was built on other data (or another split, "
-            "or a changed annotation file); rebuild it with `detkd store build` on this training split"
+        problems.append(
+            "dataset_fingerprint differs: the store was built on other data (another split, or a changed "
+            "annotation file); point data.root/data.train_split at the data it was built on, or rebuild it "
+            "with `detkd store build` on this training split"
         )
-    canvas = m.preprocessing.get("canvas")
-    if canvas != policy.canvas:
-        raise StoreError(
-            f"{reader.path}: preprocessing.canvas differs: store {canvas}px, run {policy.canvas}px "
-            f"(data.sizes={list(policy.sizes)}); set data.sizes to the store's scale or rebuild the store"
+    if pre.get("canvas") != policy.canvas:
+        problems.append(
+            f"preprocessing.canvas differs: store {pre.get('canvas')}px, run {policy.canvas}px "
+            f"(data.sizes={list(policy.sizes)}); set data.sizes to the store's {pre.get('sizes')} or rebuild "
+            "the store with --size"
         )
-    stored_sizes = {View.from_dict(v).size for v in m.views}
-    if not set(policy.sizes) <= stored_sizes:
-        raise StoreError(
-            f"{reader.path}: views: the store holds sizes {sorted(stored_sizes)}, the run draws {list(policy.sizes)}"
+    if pre.get("resize", RESIZE_RULE) != RESIZE_RULE:
+        problems.append(
+            f"preprocessing.resize differs: store {pre.get('resize')!r}, this detkd {RESIZE_RULE!r}; rebuild the store"
         )
+    stored_sizes = sorted({View.from_dict(v).size for v in m.views})
+    if not set(policy.sizes) <= set(stored_sizes):
+        problems.append(
+            f"views: the store holds sizes {stored_sizes}, the run draws {list(policy.sizes)}; set data.sizes "
+            f"to {stored_sizes} or rebuild the store with --size {' '.join(map(str, policy.sizes))}"
+        )
+    if student is not None:
+        wanted = list(levels) if levels is not None else list(student.levels)
+        missing = [lv for lv in wanted if lv not in m.levels]
+        if missing:
+            shared = [lv for lv in wanted if lv in m.levels]
+            where = "distill.levels" if levels is not None else f"the student's levels {student.levels}"
+            problems.append(
+                f"levels: the store holds {m.levels}, {where} include {missing}; set distill.levels="
+                f"[{','.join(shared)}] to distill the stored ones, or rebuild the store from a teacher with {missing}"
+            )
+        bad = [lv for lv in wanted if lv in m.levels and lv in student.strides and student.strides[lv] != m.strides[lv]]
+        if bad:
+            detail = ", ".join(f"{lv}: store {m.strides[lv]}, student {student.strides[lv]}" for lv in bad)
+            problems.append(f"strides differ ({detail}); exclude those levels with distill.levels or rebuild")
+    if problems:
+        raise StoreError(f"{reader.path} does not match this run:\n  " + "\n  ".join(problems))
 
 
 def check_methods(reader: StoreReader, methods: dict) -> None:
-    """Before training: every method must be able to consume this store's policy."""
+    """Before training: every method must be able to consume this store's policy on the levels it distills."""
     m = reader.manifest
-    sparse = [lv for lv in m.levels if reader.policy.mode_for(lv) != "dense"]
+    policy = reader.policy
     for name, method in methods.items():
+        levels = [lv for lv in method.levels if lv in m.levels]
+        sparse = [lv for lv in levels if policy.mode_for(lv) != "dense"]
         if sparse and not method.sparse_ok:
             raise ConfigError(
                 f"method {name!r} needs whole teacher feature maps but the store keeps sparse cells on levels "
-                f"{sparse} (policy {reader.policy.name!r}); use a position-wise method (fitnet, pkd), or build a "
-                "store with --policy dense, or distill online"
+                f"{sparse} (policy {policy.name!r}, per-level {policy.per_level or {}}); use a position-wise "
+                "method (fitnet, pkd), or build a store with --policy dense, or distill online"
             )
         if "importance" in method.needs and not m.preprocessing.get("importance"):
             raise ConfigError(
-                f"method {name!r} needs the teacher's gradient-importance maps; build the store with "
-                "--importance (and --policy dense)"
+                f"method {name!r} needs the teacher's gradient-importance maps but the store (policy "
+                f"{policy.name!r}) was built without them; build it with --importance --policy dense "
+                "--channel-group 1, or distill online"
             )
 
 
 @dataclass
 class StoredViews:
-    """Picklable view provider: one of the image's stored views, drawn FKD style."""
+    """Picklable view provider: one of the image's stored views, drawn FKD style from the loader's rng."""
 
     reader: StoreReader
     mirror_flips: bool
+    sizes: tuple[int, ...] | None = None  # the run's data.sizes: replay only these scales (None: all)
+    flips: bool = True  # False when the run disables flipping (data.flip_prob=0)
 
     def __call__(self, record: Record, rng: random.Random) -> View:
         views = self.reader.views_for(record.image_id)
+        if self.mirror_flips:  # the manifest's flipped views are served by mirroring their unflipped record
+            listed = {View.from_dict(v) for v in self.reader.manifest.views}
+            views = sorted(set(views) | ({View(size=v.size, flip=True) for v in views} & listed))
+        views = [v for v in views if (self.sizes is None or v.size in self.sizes) and (self.flips or not v.flip)]
         if not views:
-            raise StoreError(f"{self.reader.path}: no stored view for image {record.image_id} ({record.file})")
-        if self.mirror_flips:
-            views = sorted(set(views) | {View(size=v.size, flip=True) for v in views})
+            raise StoreError(
+                f"{self.reader.path}: no stored view of image {record.image_id} ({record.file}) fits this run "
+                f"(sizes {self.sizes}, flips {'on' if self.flips else 'off'}); did its build finish? rerun "
+                "`detkd store build` to complete it"
+            )
         return views[rng.randrange(len(views))]
 
 
@@ -76,16 +125,22 @@ class StoredKnowledge:
     mirror_flips: bool
     sizes: dict[int, tuple[int, int]]  # image id -> original (h, w), to find a view's valid width
 
-    def __call__(self, image_id: int, view: View) -> dict:
+    def __call__(self, image_id: int, view: View) -> dict[str, LevelRecord]:
         if self.mirror_flips and view.flip:
-            base = View(size=view.size, flip=False)
-            record = self.reader.read(image_id, base)
+            record = self.reader.read(image_id, View(size=view.size, flip=False))
             size = view.output_size(*self.sizes[image_id])
             return mirror_levels(record, image_size=size, strides=self.reader.manifest.strides)
         return self.reader.read(image_id, view)
 
 
-def providers(reader: StoreReader, source: DetectionSource) -> tuple[StoredViews, StoredKnowledge]:
+def providers(
+    reader: StoreReader, source: DetectionSource, policy: ViewPolicy | None = None
+) -> tuple[StoredViews, StoredKnowledge]:
+    """(view provider, knowledge provider) for a ViewedDataset that trains from ``reader``; with the run's
+    view ``policy`` only its scales are replayed, and flips only if it flips at all."""
     mirror = bool(reader.manifest.preprocessing.get("mirror_flips"))
     sizes = {r.image_id: (r.height, r.width) for r in source.records}
-    return StoredViews(reader, mirror), StoredKnowledge(reader, mirror, sizes)
+    views = StoredViews(reader, mirror)
+    if policy is not None:
+        views = StoredViews(reader, mirror, sizes=tuple(policy.sizes), flips=policy.flip_prob > 0)
+    return views, StoredKnowledge(reader, mirror, sizes)

@@ -107,6 +107,8 @@ class StoreWriter:
         self._levels = set(self.manifest.levels)
         self._views = {View.from_dict(v) for v in self.manifest.views}
         self._closed = False
+        # Build facts (teacher AP, seconds, rate) kept beside the counts; a resumed build starts from the last ones.
+        self.extra: dict = dict(self.manifest.extra) if shard is None else self._shard_extra()
         # Resume: count what earlier runs committed.
         self._records = self._bytes = 0
         self._image_ids: set[int] = set()
@@ -134,14 +136,25 @@ class StoreWriter:
         manifest.save(self.out_dir)
         return manifest
 
+    def _shard_extra(self) -> dict:
+        path = self.out_dir / f"{shard_name(self.shard)}.json"
+        return dict(json.loads(path.read_text()).get("extra", {})) if path.is_file() else {}
+
     def _write_status(self, *, complete: bool) -> None:
         counts = {"images": len(self._image_ids), "records": self._records, "bytes": self._bytes}
         if self.shard is None:
             self.manifest.counts = counts
             self.manifest.complete = complete
+            self.manifest.extra = dict(self.extra)
             self.manifest.save(self.out_dir)
         else:
-            status = {"shard": self.shard, "num_shards": self.num_shards, "counts": counts, "complete": complete}
+            status = {
+                "shard": self.shard,
+                "num_shards": self.num_shards,
+                "counts": counts,
+                "complete": complete,
+                "extra": dict(self.extra),
+            }
             write_json_atomic(self.out_dir / f"{shard_name(self.shard)}.json", status)
 
     @property
@@ -228,7 +241,8 @@ def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
         for env_path in leftovers:
             shutil.rmtree(env_path)
         return manifest
-    problems = shard_problems(shard_status(out_dir))
+    status = shard_status(out_dir)
+    problems = shard_problems(status)
     if problems:
         raise StoreError(f"{out_dir}: cannot merge: {'; '.join(problems)}. Run those shards' builds, then merge")
     sink = WritableEnv(out_dir / RECORDS)
@@ -253,11 +267,29 @@ def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
         sink.close()
     manifest.counts = counts
     manifest.complete = True
+    manifest.extra = combine_extras([s.get("extra", {}) for s in status])
     manifest.save(out_dir)
     for env_path in shards + leftovers:
         env_path.with_suffix(".json").unlink(missing_ok=True)
         shutil.rmtree(env_path)
     return manifest
+
+
+def combine_extras(extras: list[dict]) -> dict:
+    """The build facts of a sharded build from its shards': shards run in parallel, so the build took
+    the slowest shard's seconds and its rate is the shards' records over those seconds."""
+    extras = [e for e in extras if e]
+    if not extras:
+        return {}
+    out = {k: v for k, v in extras[0].items() if k not in ("last_run", "runs")}  # per-process facts
+    ap = [e["teacher_ap"] for e in extras if e.get("teacher_ap") is not None]
+    out["teacher_ap"] = ap[0] if ap else None
+    if all("seconds" in e and "built" in e for e in extras):
+        out["seconds"] = max(e["seconds"] for e in extras)
+        out["built"] = sum(e["built"] for e in extras)
+        out["image_views_per_second"] = out["built"] / max(out["seconds"], 1e-9)
+    out["shards"] = len(extras)
+    return out
 
 
 def _merge_batch(sink: WritableEnv, batch: list[tuple[bytes, bytes]], source: Path) -> None:

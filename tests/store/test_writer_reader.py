@@ -324,9 +324,15 @@ def test_collate_knowledge_places_sparse_and_dense_levels(tmp_path):
 def test_mirror_levels():
     rec = {
         "p3": LevelRecord(yx=torch.tensor([[1, 0], [2, 5]], dtype=torch.int16), values=torch.zeros(2, 4).half()),
-        "p5": LevelRecord(dense=torch.arange(6.0).reshape(1, 2, 3).half()),
+        "p5": LevelRecord(
+            dense=torch.arange(6.0).reshape(1, 2, 3).half(),
+            extras={"gi": torch.arange(6.0).reshape(1, 2, 3).half(), "gc": torch.tensor([1.0, 2.0, 3.0])},
+        ),
     }
     out = mirror_levels(rec, image_size=(40, 44), strides=STRIDES)  # valid width ceil(44 / 8) = 6 cells
     assert out["p3"].yx.tolist() == [[1, 5], [2, 0]]
     assert out["p5"].dense.tolist() == [[[2.0, 1.0, 0.0], [5.0, 4.0, 3.0]]]
+    # A map of the level's shape (GKD importance) is mirrored with it; per-channel weights are not.
+    assert out["p5"].extras["gi"].tolist() == [[[2.0, 1.0, 0.0], [5.0, 4.0, 3.0]]]
+    assert out["p5"].extras["gc"].tolist() == [1.0, 2.0, 3.0]
     assert rec["p3"].yx.tolist() == [[1, 0], [2, 5]]  # input untouched

@@ -1,0 +1,78 @@
+"""``detkd store build | merge | info | verify`` on a random-init teacher and a tiny synthetic data set."""
+
+import lmdb
+import pytest
+import torch
+
+from detkd.cli import main
+from detkd.models.builders import DetectorSpec, build_detector
+from detkd.models.checkpoint import save_checkpoint
+from detkd.store.lmdb_env import release
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from detkd.data.formats.detect import open_source
+    from detkd.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("store_cli")
+    data = generate_synthetic(root / "data", num_train=6, num_val=2, image_size=64, seed=0)
+    names = open_source(data, format="coco", split="train").class_names
+    torch.manual_seed(0)
+    spec = DetectorSpec(family="fcos", num_classes=len(names), fpn_channels=16, head_convs=1)
+    save_checkpoint(root / "t.pt", build_detector(spec), class_names=names, extra={"metrics": {"AP": 0.4}})
+    return root, data
+
+
+def store_build(root, data, out, *extra):
+    args = ["store", "build", "--teacher", str(root / "t.pt"), "--data", str(data), "--size", "64"]
+    return main([*args, "--workers", "0", "--no-progress", "--out", str(root / out), *extra])
+
+
+def test_build_info_verify_and_a_damaged_record(setup, capsys):
+    root, data = setup
+    assert store_build(root, data, "s", "--top-k", "p3=4,p4=2", "--channel-group", "2") == 0
+    out = capsys.readouterr().out
+    assert "complete" in out and "AP 0.4000" in out and "policy nms-ksd  channel_group 2" in out
+    assert "6 images, 12 image-views" in out and "views s64, s64-flip" in out and "over 1 run(s)" in out
+    # Dense fp16 FPN maps of a 64 px canvas: 16 channels x (64 + 16 + 4 + 1 + 1) cells x 2 bytes.
+    assert "dense fp16 FPN maps" in out and " vs 2752 dense" in out
+    assert main(["store", "info", str(root / "s")]) == 0
+    assert "teacher sha256" in capsys.readouterr().out
+    assert main(["store", "verify", str(root / "s")]) == 0
+    assert "12 records, 6 images" in capsys.readouterr().out
+    release(root / "s" / "records.lmdb")  # this process holds a read-only handle (lmdb opens an env once)
+    env = lmdb.open(str(root / "s" / "records.lmdb"), subdir=True)
+    with env.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor()))
+        damaged = bytearray(value)
+        damaged[-1] ^= 0x01
+        txn.put(key, bytes(damaged))
+    env.close()
+    assert main(["store", "verify", str(root / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s)" in out and f"{key.decode()}" in out and "checksum mismatch" in out
+
+
+def test_sharded_build_then_merge(setup, capsys):
+    root, data = setup
+    for shard in ("0", "1"):
+        assert store_build(root, data, "sh", "--shard", shard, "--num-shards", "2", "--views", "noflip") == 0
+        assert "detkd store merge" in capsys.readouterr().out
+    assert main(["store", "merge", str(root / "sh")]) == 0
+    assert "merged" in capsys.readouterr().out and main(["store", "verify", str(root / "sh")]) == 0
+    assert main(["store", "info", str(root / "sh")]) == 0
+    out = capsys.readouterr().out
+    assert "6 images, 6 image-views" in out and "build: 6 image-views in" in out and "by 2 shards" in out
+
+
+def test_bad_arguments_are_reported_without_traceback(setup, capsys):
+    root, data = setup
+    assert store_build(root, data, "x", "--per-level", "p6") == 2
+    assert "--per-level: 'p6' is not LEVEL=VALUE" in capsys.readouterr().err
+    assert store_build(root, data, "x", "--importance") == 2
+    assert "needs --policy dense and --channel-group 1" in capsys.readouterr().err
+    assert store_build(root, data, "x", "--shard", "1") == 2
+    assert "--shard and --num-shards go together" in capsys.readouterr().err
+    assert main(["store", "info", str(root / "nowhere")]) == 2
+    assert "not a detkd store" in capsys.readouterr().err
