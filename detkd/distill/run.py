@@ -138,7 +138,7 @@ def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
     )
     result = evaluate(teacher, loader, bundle.val_source, device=device, progress=False)
     log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, result.AP, result.AP50)
-    if result.AP < 0.05:
+    if not result.AP >= 0.05:  # also catches NaN (a validation split without ground truth)
         log.warning(
             "!!! the teacher's AP is %.4f: is it trained, and is this the right checkpoint? Distilling from "
             "it will not help the student.",
