@@ -163,7 +163,8 @@ def _step_times(scale, source, policy, teacher, store_dir, *, method: str, worke
         else:
             ds = ViewedDataset(source, policy, train=True, seed=0)
         loader = build_loader(ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True)
-        opt = build_optimizer(task, name="sgd", lr=0.001)
+        # Random weights: a vanishing lr keeps every step's full cost while losses stay finite.
+        opt = build_optimizer(task, name="sgd", lr=1e-12)
         modes[mode] = (task, loader, opt)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
