@@ -167,20 +167,26 @@ def _step_times(scale, source, policy, teacher, store_dir, *, method: str, worke
         opt = build_optimizer(task, name="sgd", lr=1e-12)
         modes[mode] = (task, loader, opt)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    iterators: dict[str, object] = {}
     for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
         for mode, (task, loader, opt) in modes.items():
             task.train()
-            it = iter(loader)
             for _ in range(scale.steps_per_round):
+                fresh = mode not in iterators
+                if fresh:
+                    iterators[mode] = iter(loader)
                 t0 = time.perf_counter()
-                batch = next(it)
+                try:
+                    batch = next(iterators[mode])
+                except StopIteration:  # epoch end: a new iterator starts its workers, not a training cost
+                    iterators[mode] = iter(loader)
+                    batch, fresh = next(iterators[mode]), True
                 loss = sum(task(batch).values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if r > 0:
+                if r > 0 and not fresh:  # steady state only: worker start-up is excluded for every mode
                     times[mode].append(time.perf_counter() - t0)
-            del it
     return times
 
 
