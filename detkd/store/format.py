@@ -105,6 +105,37 @@ class LevelRecord:
         out.update(self.extras)
         return out
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, Tensor]) -> LevelRecord:
+        """Inverse of ``arrays``."""
+        rec = cls()
+        for part, array in arrays.items():
+            if part in _PARTS:
+                setattr(rec, _PARTS[part], array)
+            else:
+                rec.extras[part] = array
+        return rec
+
+    def __reduce__(self):
+        # DataLoader workers hand records to the trainer by pickling. A tensor travels as its own
+        # shared-memory segment plus a file descriptor; a numpy array travels inline in the pickle.
+        # Measured on the shapes store with 2 workers: 14 batches/s with tensors vs 61 for a loader
+        # without records, which made stored distillation ~1.3x slower per epoch than the student alone.
+        return (_record_from_numpy, ({k: _to_numpy(v) for k, v in self.arrays().items()},))
+
+
+def _to_numpy(t: Tensor):
+    """A CPU tensor as a numpy array when numpy has its dtype (bfloat16 has none: kept a tensor)."""
+    if isinstance(t, Tensor) and t.device.type == "cpu" and t.dtype != torch.bfloat16 and not t.requires_grad:
+        return t.numpy()
+    return t
+
+
+def _record_from_numpy(arrays: dict) -> LevelRecord:
+    return LevelRecord.from_arrays(
+        {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+    )
+
 
 def flatten_record(levels: dict[str, LevelRecord]) -> dict[str, Tensor]:
     """{level: LevelRecord} -> {"<level>/<part>": tensor}, the input of ``encode_record``."""
@@ -112,17 +143,13 @@ def flatten_record(levels: dict[str, LevelRecord]) -> dict[str, Tensor]:
 
 
 def unflatten_record(arrays: dict[str, Tensor]) -> dict[str, LevelRecord]:
-    levels: dict[str, LevelRecord] = {}
+    parts: dict[str, dict[str, Tensor]] = {}
     for name, array in arrays.items():
         level, sep, part = name.rpartition("/")
         if not sep:
             raise StoreError(f"record array {name!r} has no level prefix")
-        rec = levels.setdefault(level, LevelRecord())
-        if part in _PARTS:
-            setattr(rec, _PARTS[part], array)
-        else:
-            rec.extras[part] = array
-    return levels
+        parts.setdefault(level, {})[part] = array
+    return {level: LevelRecord.from_arrays(p) for level, p in parts.items()}
 
 
 def _varint(n: int) -> bytes:

@@ -111,6 +111,30 @@ def test_level_records_flatten_and_back():
             flatten_record({"0": LevelRecord(extras={bad: torch.zeros(1)})})
 
 
+def test_level_record_pickles_inline_and_exactly():
+    """Loader workers pickle records: the arrays must travel inside the pickle (no shared-memory
+    tensors, one per array, which made stored training slow) and come back bit-exact."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    g = torch.Generator().manual_seed(1)
+    rec = LevelRecord(
+        yx=torch.randint(0, 9, (7, 2), generator=g).to(torch.int16),
+        values=torch.randn(7, 32, generator=g).half(),
+        score=torch.rand(7, generator=g).half(),
+        extras={"gc": torch.rand(5, generator=g), "bf": torch.rand(3, generator=g).bfloat16()},
+    )
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(rec)
+    assert rec.values.numpy().tobytes() in buf.getvalue()  # the fp16 values travel in the pickle itself
+    back = pickle.loads(buf.getvalue())
+    for part, array in rec.arrays().items():
+        got = back.arrays()[part]
+        assert got.dtype == array.dtype and torch.equal(got, array), part
+    assert back.dense is None and sorted(back.extras) == ["bf", "gc"]
+
+
 def test_keys():
     assert record_key(17, View(size=192, flip=True)) == "17/s192-flip"
     assert parse_key(b"17/s192-flip") == (17, View(size=192, flip=True))
