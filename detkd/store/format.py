@@ -4,8 +4,8 @@ A store is a directory::
 
     manifest.json        format version, teacher / preprocessing / dataset identity, levels, policy, counts
     records.lmdb/        LMDB environment: key "<image_id>/<view.key>" -> encoded record
-    shard-XXXX.lmdb/     (sharded builds before ``merge_shards``) one environment per build process
-    shard-XXXX.json      (idem) {"shard", "num_shards", "counts", "complete": its writer closed cleanly}
+    shard-NNNN.lmdb/     (sharded builds before ``merge_shards``) one environment per build process
+    shard-NNNN.json      (idem) {"shard", "num_shards", "counts", "complete": its writer closed cleanly}
 
 An encoded record (all integers little-endian)::
 

@@ -76,7 +76,7 @@ class StoreWriter:
     ``manifest`` (apart from counts, timestamps and tool version), and raises StoreError naming
     the differing fields otherwise. ``close()`` (or leaving a ``with`` block) commits what is
     pending and records the counts: in ``manifest.json`` for a single build, in
-    ``shard-XXXX.json`` for a shard (``merge_shards`` totals them).
+    ``shard-NNNN.json`` for a shard (``merge_shards`` totals them).
     """
 
     def __init__(
