@@ -230,7 +230,7 @@ def test_golden_value_defaults_with_channel_weights():
     s, t = _feats(3, 3), _feats(4, 4)
     know = _knowledge(t, seed=11)
     out = m(s, know, _ctx())
-    expected = _loop_gkd(m, s, t, know, beta=1e-3, alpha=1e-3, lam=5e-4, gamma=1e-3, temp=0.8, chan=True, tau=0.3)
+    expected = _loop_gkd(m, s, t, know, beta=1e-4, alpha=1e-3, lam=5e-4, gamma=1e-3, temp=0.8, chan=True, tau=0.3)
     for key, value in expected.items():
         torch.testing.assert_close(out[key], torch.tensor(value), rtol=1e-5, atol=0, msg=key)
 
