@@ -225,10 +225,12 @@ def select_batch(teacher: Detector, batch: Batch, policy: SelectionPolicy, impor
             feats = teacher.name_features(raw)
             if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
                 detections = teacher.predict_from_features(raw, batch.images, batch.image_sizes)
-    for j, (image_id, view, size) in enumerate(zip(batch.image_ids, batch.views, batch.image_sizes, strict=True)):
-        per_image = {lv: f[j].detach() for lv, f in feats.items()}
-        dets = None if detections is None else {k: v.detach() for k, v in detections[j].items()}
-        record = policy.select_image(per_image, image_size=size, strides=teacher.strides, detections=dets)
+    dets = None if detections is None else [{k: v.detach() for k, v in d.items()} for d in detections]
+    sizes = [tuple(size) for size in batch.image_sizes]
+    records = policy.select_batch(
+        {lv: f.detach() for lv, f in feats.items()}, image_sizes=sizes, strides=teacher.strides, detections=dets
+    )
+    for j, (image_id, view, record) in enumerate(zip(batch.image_ids, batch.views, records, strict=True)):
         if spatial is not None:
             for lv, rec in record.items():
                 h, w = rec.dense.shape[-2:]

@@ -40,11 +40,11 @@ def valid_cells(image_size: tuple[int, int], stride: int, shape: tuple[int, int]
 
 
 def saliency_map(feature: Tensor, kind: str = "max") -> Tensor:
-    """[C, H, W] -> [H, W] float32: channel max pooling ("max") or mean absolute activation."""
+    """[..., C, H, W] -> [..., H, W] float32: channel max pooling ("max") or mean absolute activation."""
     if kind == "max":
-        return feature.float().amax(dim=0)
+        return feature.float().amax(dim=-3)
     if kind == "mean_abs":
-        return feature.float().abs().mean(dim=0)
+        return feature.float().abs().mean(dim=-3)
     raise ConfigError(f"saliency: unknown kind {kind!r}; choose one of {SALIENCY}")
 
 
@@ -69,37 +69,62 @@ def peaks_from_saliency(
     (s - min) / (max - min) over the valid region, so 0.0 disables it and 0.5 keeps the upper
     half of the range. Finally the ``top_k`` best are returned (all if None).
     """
+    h, w = saliency.shape
+    return peaks_from_saliency_batch(
+        saliency[None],
+        kernel=kernel,
+        threshold=threshold,
+        threshold_mode=threshold_mode,
+        top_k=[top_k],
+        valid_hw=[(h, w) if valid_hw is None else valid_hw],
+    )[0]
+
+
+def peaks_from_saliency_batch(
+    saliency: Tensor,
+    *,
+    kernel: int = 3,
+    threshold: float = 0.0,
+    threshold_mode: str = "relative",
+    top_k: list[int | None],
+    valid_hw: list[tuple[int, int]],
+) -> list[tuple[Tensor, Tensor]]:
+    """``peaks_from_saliency`` for a batch of maps [N, H, W] with one ``top_k`` and ``valid_hw`` per
+    map: the window comparison runs once for the whole batch, only the final sort is per map."""
     if kernel < 1 or kernel % 2 == 0:
         raise ConfigError(f"kernel: must be an odd positive integer, got {kernel}")
-    h, w = saliency.shape
-    vh, vw = (h, w) if valid_hw is None else (min(h, int(valid_hw[0])), min(w, int(valid_hw[1])))
-    empty = (saliency.new_zeros((0, 2), dtype=torch.int64), saliency.new_zeros((0,), dtype=torch.float32))
-    if vh <= 0 or vw <= 0 or top_k == 0:
-        return empty
-    s = torch.full((h, w), -math.inf, dtype=torch.float32, device=saliency.device)
-    s[:vh, :vw] = saliency[:vh, :vw].float()
-    if not torch.isfinite(s[:vh, :vw]).all():
+    if threshold_mode not in ("relative", "absolute"):
+        raise ConfigError(f"threshold_mode: unknown {threshold_mode!r}; choose 'relative' or 'absolute'")
+    n, h, w = saliency.shape
+    rows = torch.arange(h, device=saliency.device)[None, :, None]
+    cols = torch.arange(w, device=saliency.device)[None, None, :]
+    vh = torch.tensor([min(h, int(v[0])) for v in valid_hw], device=saliency.device)[:, None, None]
+    vw = torch.tensor([min(w, int(v[1])) for v in valid_hw], device=saliency.device)[:, None, None]
+    valid = (rows < vh) & (cols < vw)  # [N, H, W]
+    s = saliency.float().masked_fill(~valid, -math.inf)
+    if not torch.isfinite(s[valid]).all():
         raise StoreError("saliency map holds NaN or infinite values: the teacher's features are not finite")
     pad = kernel // 2
-    windows = F.unfold(F.pad(s[None, None], (pad, pad, pad, pad), value=-math.inf), kernel)[0]  # [k*k, H*W]
-    centre = s.reshape(-1)
+    windows = F.unfold(F.pad(s[:, None], (pad, pad, pad, pad), value=-math.inf), kernel)  # [N, k*k, H*W]
+    centre = s.reshape(n, -1)
     # Window offsets before the centre in row-major order are exactly the cells with a smaller index.
-    earlier = windows[: pad * kernel + pad]
-    keep = (centre >= windows.amax(dim=0)) & ~(earlier == centre).any(dim=0) & torch.isfinite(centre)
+    earlier = windows[:, : pad * kernel + pad]
+    keep = (centre >= windows.amax(dim=1)) & ~(earlier == centre[:, None]).any(dim=1) & valid.reshape(n, -1)
     if threshold_mode == "relative":
-        lo, hi = s[:vh, :vw].min(), s[:vh, :vw].max()
+        lo = s.masked_fill(~valid, math.inf).amin(dim=(1, 2))[:, None]
+        hi = s.amax(dim=(1, 2))[:, None]
         keep &= (centre - lo) >= threshold * (hi - lo)
-    elif threshold_mode == "absolute":
-        keep &= centre >= threshold
     else:
-        raise ConfigError(f"threshold_mode: unknown {threshold_mode!r}; choose 'relative' or 'absolute'")
-    index = keep.nonzero().squeeze(1)  # ascending row-major
-    score = centre[index]
-    order = torch.sort(score, descending=True, stable=True).indices
-    if top_k is not None:
-        order = order[:top_k]
-    index, score = index[order], score[order]
-    return torch.stack([index // w, index % w], dim=1), score
+        keep &= centre >= threshold
+    out = []
+    for i in range(n):
+        empty = top_k[i] == 0 or int(vh[i]) <= 0 or int(vw[i]) <= 0
+        index = centre.new_zeros((0,), dtype=torch.int64) if empty else keep[i].nonzero().squeeze(1)
+        score = centre[i, index]
+        order = torch.sort(score, descending=True, stable=True).indices[: top_k[i]]
+        index, score = index[order], score[order]
+        out.append((torch.stack([index // w, index % w], dim=1), score))
+    return out
 
 
 def select_peaks(
@@ -287,54 +312,85 @@ class SelectionPolicy:
         """Select one image view's knowledge: features {level: [C, H, W]} of the image placed top-left
         on the canvas, ``image_size`` its valid (h, w) in pixels, ``detections`` {"boxes": xyxy canvas
         pixels [N, 4], "scores": [N]} for the "detections" selector. Returns CPU LevelRecords."""
-        valid = {lv: valid_cells(image_size, strides[lv], tuple(f.shape[-2:])) for lv, f in features.items()}
-        det = None
-        if any(self.mode_for(lv) == "detections" for lv in features):
-            if detections is None:
-                raise StoreError("selection policy 'detections' needs the teacher's detections (boxes, scores)")
-            det_levels = [lv for lv in features if self.mode_for(lv) == "detections"]
-            det = detection_cells(
-                detections["boxes"],
-                detections["scores"],
-                strides={lv: strides[lv] for lv in det_levels},
-                level_shapes={lv: valid[lv] for lv in det_levels},
-                assign=self.assign,
-                top_k={lv: self.top_k_for(lv, strides[lv], valid[lv]) for lv in det_levels},
-                dilate=self.dilate,
-                box_scale=self.box_scale,
-            )
-        out: dict[str, LevelRecord] = {}
-        for level, feature in features.items():
-            f = feature.detach()
+        for level, f in features.items():
             if f.dim() != 3:
                 raise StoreError(f"level {level!r}: expected one image's features [C, H, W], got {tuple(f.shape)}")
-            if f.shape[0] % self.channel_group:
+        return self.select_batch(
+            {lv: f[None] for lv, f in features.items()},
+            image_sizes=[image_size],
+            strides=strides,
+            detections=None if detections is None else [detections],
+        )[0]
+
+    def select_batch(
+        self,
+        features: dict[str, Tensor],
+        *,
+        image_sizes: list[tuple[int, int]],
+        strides: dict[str, int],
+        detections: list[dict[str, Tensor]] | None = None,
+    ) -> list[dict[str, LevelRecord]]:
+        """``select_image`` for a batch: features {level: [N, C, H, W]}, one size (and detections) per
+        image. Saliency, NMS windows, the gather and channel pooling run once per level for the
+        whole batch (a store build spends its time in the teacher, not here)."""
+        n = len(image_sizes)
+        out: list[dict[str, LevelRecord]] = [{} for _ in range(n)]
+        det_levels = [lv for lv in features if self.mode_for(lv) == "detections"]
+        if det_levels and detections is None:
+            raise StoreError("selection policy 'detections' needs the teacher's detections (boxes, scores)")
+        det_cells = []  # per image: every detection-selected level at once (boxes pick their level)
+        for i, size in enumerate(image_sizes if det_levels else []):
+            shapes = {lv: valid_cells(size, strides[lv], tuple(features[lv].shape[-2:])) for lv in det_levels}
+            det_cells.append(
+                detection_cells(
+                    detections[i]["boxes"],
+                    detections[i]["scores"],
+                    strides={lv: strides[lv] for lv in det_levels},
+                    level_shapes=shapes,
+                    assign=self.assign,
+                    top_k={lv: self.top_k_for(lv, strides[lv], shapes[lv]) for lv in det_levels},
+                    dilate=self.dilate,
+                    box_scale=self.box_scale,
+                )
+            )
+        for level, feature in features.items():
+            f = feature.detach()
+            if f.dim() != 4 or f.shape[0] != n:
+                raise StoreError(f"level {level!r}: expected features [{n}, C, H, W], got {tuple(f.shape)}")
+            if f.shape[1] % self.channel_group:
                 raise StoreError(
-                    f"level {level!r}: {f.shape[0]} channels cannot be pooled in groups of "
+                    f"level {level!r}: {f.shape[1]} channels cannot be pooled in groups of "
                     f"{self.channel_group}; choose a channel_group dividing it"
                 )
             _check_fp16(level, f)
+            valid = [valid_cells(size, strides[level], tuple(f.shape[-2:])) for size in image_sizes]
+            top_k = [self.top_k_for(level, strides[level], v) for v in valid]
             mode = self.mode_for(level)
             if mode == "dense":
-                vh, vw = valid[level]
-                dense = compress_channels(f[:, :vh, :vw], self.channel_group, dim=0)
-                out[level] = LevelRecord(dense=dense.half().cpu().contiguous())
+                for i, (vh, vw) in enumerate(valid):
+                    dense = compress_channels(f[i, :, :vh, :vw], self.channel_group, dim=0)
+                    out[i][level] = LevelRecord(dense=dense.half().cpu().contiguous())
                 continue
             if mode == "nms-ksd":
-                yx, score = peaks_from_saliency(
+                picks = peaks_from_saliency_batch(
                     saliency_map(f, self.saliency),
                     kernel=self.kernel,
                     threshold=self.threshold,
                     threshold_mode=self.threshold_mode,
-                    top_k=self.top_k_for(level, strides[level], valid[level]),
-                    valid_hw=valid[level],
+                    top_k=top_k,
+                    valid_hw=valid,
                 )
             else:
-                yx, score = det[level]
-            values = compress_channels(f[:, yx[:, 0], yx[:, 1]].T, self.channel_group, dim=1)
-            out[level] = LevelRecord(
-                yx=yx.to(torch.int16).cpu(), values=values.half().cpu().contiguous(), score=score.half().cpu()
-            )
+                picks = [cells[level] for cells in det_cells]
+            counts = [len(cells) for cells, _ in picks]
+            owner = torch.repeat_interleave(torch.arange(n, device=f.device), torch.tensor(counts, device=f.device))
+            yx = torch.cat([yx for yx, _ in picks])
+            values = compress_channels(f[owner, :, yx[:, 0], yx[:, 1]], self.channel_group, dim=1)
+            values = values.half().cpu().split(counts)
+            for i, (cells, score) in enumerate(picks):
+                out[i][level] = LevelRecord(
+                    yx=cells.to(torch.int16).cpu(), values=values[i].contiguous(), score=score.half().cpu()
+                )
         return out
 
 

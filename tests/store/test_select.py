@@ -223,6 +223,28 @@ def test_policy_detections_selector():
         policy.select_image(features, image_size=(128, 128), strides=STRIDES)
 
 
+def test_policy_select_batch_equals_per_image_selection():
+    # Different valid sizes per image (padding differs), all three selectors, a threshold.
+    feats = [_features(seed) for seed in range(3)]
+    batch = {lv: torch.stack([f[lv] for f in feats]) for lv in SHAPES}
+    sizes = [(128, 128), (100, 60), (20, 120)]
+    dets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 42.0, 42.0], [0.0, 0.0, 120.0, 90.0]]), "scores": torch.tensor([0.9, 0.6])},
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0)},
+        {"boxes": torch.tensor([[4.0, 2.0, 20.0, 18.0]]), "scores": torch.tensor([0.5])},
+    ]
+    policy = SelectionPolicy(per_level={"p4": "detections", "p5": "dense"}, threshold=0.3, channel_group=2)
+    out = policy.select_batch(batch, image_sizes=sizes, strides=STRIDES, detections=dets)
+    for i in range(3):
+        single = policy.select_image(feats[i], image_size=sizes[i], strides=STRIDES, detections=dets[i])
+        assert set(out[i]) == set(single)
+        for lv, rec in single.items():
+            for name in ("yx", "values", "score", "dense"):
+                a, b = getattr(out[i][lv], name), getattr(rec, name)
+                assert (a is None and b is None) or torch.equal(a, b), (i, lv, name)
+    assert out[2]["p3"].num_cells > 0 and (out[2]["p3"].yx[:, 0] < 3).all()  # 20 px tall: rows 0-2 only
+
+
 def test_policy_dict_round_trip_and_validation():
     policy = SelectionPolicy(per_level={"p7": "dense"}, top_k={"p3": 10}, kernel=5, threshold=0.2)
     assert SelectionPolicy.from_dict(policy.to_dict()) == policy
