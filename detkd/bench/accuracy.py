@@ -56,7 +56,7 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
                 "AP_mean": statistics.mean(aps) if aps else None,
                 "AP_spread": (max(aps) - min(aps)) if len(aps) > 1 else None,
                 "AP_all": aps,
-                "AP50_mean": statistics.mean(r["AP50"] for r in runs) if aps else None,
+                "AP50_mean": statistics.mean(r["AP50"] for r in runs if "AP" in r) if aps else None,
                 "epoch_seconds_mean": statistics.mean(secs) if secs else None,
             }
         )

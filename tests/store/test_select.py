@@ -229,7 +229,10 @@ def test_policy_select_batch_equals_per_image_selection():
     batch = {lv: torch.stack([f[lv] for f in feats]) for lv in SHAPES}
     sizes = [(128, 128), (100, 60), (20, 120)]
     dets = [
-        {"boxes": torch.tensor([[10.0, 10.0, 42.0, 42.0], [0.0, 0.0, 120.0, 90.0]]), "scores": torch.tensor([0.9, 0.6])},
+        {
+            "boxes": torch.tensor([[10.0, 10.0, 42.0, 42.0], [0.0, 0.0, 120.0, 90.0]]),
+            "scores": torch.tensor([0.9, 0.6]),
+        },
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0)},
         {"boxes": torch.tensor([[4.0, 2.0, 20.0, 18.0]]), "scores": torch.tensor([0.5])},
     ]

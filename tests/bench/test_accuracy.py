@@ -1,0 +1,50 @@
+"""``detkd bench accuracy``: mean / spread arithmetic, the table, and resuming finished runs."""
+
+import json
+
+import pytest
+
+from detkd.bench import accuracy
+from detkd.bench.accuracy import format_table, run_accuracy, summarise
+
+
+def test_summarise_mean_spread_and_missing_runs():
+    runs = {
+        "student": [
+            {"AP": 0.05, "AP50": 0.1, "epoch_seconds": 30.0},
+            {"AP": 0.04, "AP50": 0.08, "epoch_seconds": 34.0},
+        ],
+        "fitnet (online)": [{"AP": 0.085, "AP50": 0.16, "epoch_seconds": 50.0}, {"error": "diverged"}],
+    }
+    table = {t["row"]: t for t in summarise(runs)}
+    s = table["student"]
+    assert s["seeds"] == 2 and s["AP_mean"] == pytest.approx(0.045) and s["AP_spread"] == pytest.approx(0.01)
+    assert s["AP50_mean"] == pytest.approx(0.09) and s["epoch_seconds_mean"] == pytest.approx(32.0)
+    f = table["fitnet (online)"]  # a failed seed counts as missing, not as zero
+    assert f["seeds"] == 1 and f["AP_mean"] == pytest.approx(0.085) and f["AP_spread"] is None
+    text = format_table(summarise(runs), teacher_ap=0.15)
+    assert "| student | 2 | 4.5 | 1.0 | 9.0 | 32 |" in text
+    assert "| fitnet (online) | 1 | 8.5 | — | 16.0 | 50 |" in text and "teacher AP 15.0" in text
+
+
+def test_run_accuracy_reuses_finished_runs(tmp_path, monkeypatch):
+    out = tmp_path / "acc"
+    aps = {"student": 0.05, "fitnet_online": 0.08, "fitnet_stored": 0.07}
+    for name, ap in aps.items():
+        for seed in (0, 1):
+            run = out / f"{name}-seed{seed}"
+            run.mkdir(parents=True)
+            last = {"AP": ap + seed / 100, "AP50": 2 * ap, "epoch_seconds": 1.0}
+            (run / "metrics.json").write_text(json.dumps({"last": last}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(accuracy, "load_recipe", no_training)
+    table = run_accuracy(
+        recipe="unused.yaml", teacher="t.pt", store="store", methods=["fitnet"], seeds=[0, 1], out_dir=out
+    )
+    rows = {t["row"]: t for t in table}
+    assert list(rows) == ["student", "fitnet (online)", "fitnet (stored)"]
+    assert rows["fitnet (stored)"]["AP_all"] == pytest.approx([0.07, 0.08])
+    assert json.loads((out / "accuracy.json").read_text())["table"] == json.loads(json.dumps(table))

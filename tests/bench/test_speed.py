@@ -1,0 +1,44 @@
+"""``detkd bench speed`` at a toy scale: every figure the issue names is present, finite and
+consistent with the store it measured (the numbers themselves belong in README, not tests)."""
+
+import json
+import math
+
+from detkd.bench.speed import SpeedScale, format_results, run_speed, write_results
+from detkd.models.builders import DetectorSpec
+from detkd.store.reader import store_info
+
+
+def test_run_speed_reports_every_ratio(tmp_path):
+    student = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=16, head_convs=1)
+    teacher = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=32, head_convs=1)
+    scale = SpeedScale(images=8, size=64, batch_size=4, rounds=1, steps_per_round=1, student=student, teacher=teacher)
+    r = run_speed(out_dir=tmp_path / "bench", scale=scale, workers=0)
+
+    for key in (
+        "stored_over_student_step_ratio",
+        "online_over_student_step_ratio",
+        "stored_over_online_step_ratio",
+        "nmsksd_over_dense_size_ratio",
+        "build_over_teacher_inference_throughput_ratio",
+        "build_call_over_teacher_inference_throughput_ratio",
+        "build_over_teacher_compute_throughput_ratio",
+        "reader_over_training_consumption_ratio",
+    ):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    med = r["step_seconds_median"]
+    assert math.isclose(r["stored_over_student_step_ratio"], med["stored"] / med["student"])
+    assert all(len(v) == scale.rounds * scale.steps_per_round for v in r["step_seconds_all"].values())
+    # The size figures are the store's own: 8 images x 2 flips, bytes / dense fp16 bytes.
+    info = store_info(tmp_path / "bench" / "store")
+    assert info["records"] == 16
+    assert r["nmsksd_over_dense_size_ratio"] == info["ratio_to_dense"] < 1
+    assert r["store_bytes_per_image_view"] == info["bytes_per_image_view"]
+    # The whole call includes checkpoint loading and setup, so it is never faster than its loop.
+    assert r["store_build_call_image_views_per_s"] <= r["store_build_image_views_per_s"]
+
+    text = format_results(r)
+    assert "stored / student" in text and "goal >= 0.9" in text
+    write_results(r, tmp_path / "speed.json")
+    keys = json.loads((tmp_path / "speed.json").read_text())
+    assert any("stored" in k and "ratio" in k for k in keys) and any("size" in k and "ratio" in k for k in keys)
