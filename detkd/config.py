@@ -77,6 +77,9 @@ class DistillConfig(_Section):
     methods: list[MethodConfig] = Field(default_factory=list)
     levels: list[str] | None = None  # default: every level teacher and student share
     inherit: bool = False  # copy the teacher's neck and heads into the student where shapes match
+    # A store selection policy applied to a live teacher (e.g. {name: nms-ksd, channel_group: 4}):
+    # the stored loss without the store, to tell selection effects from storage effects.
+    online_selection: dict[str, Any] | None = None
     check_teacher: bool = True  # evaluate the teacher before training and warn if it is weak
     min_teacher_gain: float = 0.02  # AP the teacher must exceed `expected_student_ap` by, if given
     expected_student_ap: float | None = None

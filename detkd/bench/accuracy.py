@@ -24,6 +24,7 @@ class Row:
     name: str  # e.g. "student", "fitnet (online)", "fitnet (stored)"
     method: str | None  # None = the student alone
     teacher: str | None  # checkpoint or store directory
+    extra: tuple[str, ...] = ()  # row-specific recipe overrides
 
 
 def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
@@ -34,7 +35,7 @@ def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: 
     done = run_dir / "metrics.json"
     if done.is_file() and "AP" in json.loads(done.read_text())["last"]:
         return json.loads(done.read_text())["last"]
-    extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides]
+    extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides, *row.extra]
     if row.method is not None:
         extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{{name: {row.method}}}]"]
     recipe = load_recipe(recipe_path, extra)
@@ -85,13 +86,23 @@ def run_accuracy(
     seeds: list[int],
     out_dir: str | Path,
     overrides: list[str] | None = None,
+    selected: bool = False,
 ) -> list[dict]:
+    """``selected`` adds "M (selected online)" rows: the store's selection applied to the live
+    teacher, i.e. the stored loss without the store (tells selection from storage effects)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [Row("student", None, None)]
     rows += [Row(f"{m} (online)", m, teacher) for m in methods]
     if store:
         rows += [Row(f"{m} (stored)", m, store) for m in methods]
+    if selected:
+        if not store:
+            raise ValueError("selected rows take the selection policy of a store: give --store")
+        from detkd.store.reader import StoreReader
+
+        policy = json.dumps(StoreReader(store).policy.to_dict())
+        rows += [Row(f"{m} (selected online)", m, teacher, (f"distill.online_selection={policy}",)) for m in methods]
     results: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: a partial benchmark already has every row once
         for row in rows:

@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--recipe", required=True, help="student recipe YAML")
     a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
     a.add_argument("--store", default=None, help="knowledge store (adds stored rows for sparse-capable methods)")
+    a.add_argument(
+        "--selected",
+        action="store_true",
+        help="also run each method online with the store's cell selection (the stored loss without the store)",
+    )
     a.add_argument("--methods", nargs="+", default=["fitnet"])
     a.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     a.add_argument("--out", default="runs/bench-accuracy")
@@ -49,6 +54,7 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out_dir=args.out,
         overrides=args.overrides,
+        selected=args.selected,
     )
     print(format_table(table))
     return 0

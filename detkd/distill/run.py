@@ -11,7 +11,7 @@ from detkd.config import Recipe
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.distill.teacher import OnlineTeacher, StoredTeacher
+from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher
 from detkd.engine.inference import evaluate
 from detkd.errors import ConfigError, DetkdError
 from detkd.models.checkpoint import file_sha256, load_detector
@@ -46,6 +46,8 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             raise ConfigError(f"unknown distillation method {m.name!r}; available: {', '.join(METHODS.names())}")
     if not Path(cfg.teacher).exists():
         raise ConfigError(f"{cfg.teacher}: teacher checkpoint or store not found")
+    if cfg.online_selection and is_store(cfg.teacher):
+        raise ConfigError("distill.online_selection selects from a live teacher; a store has already selected")
     rank, world, local = distributed_context()
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
@@ -91,8 +93,20 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             raise DetkdError(
                 f"{cfg.teacher}: teacher classes {names} differ from the data's {bundle.train_source.class_names}"
             )
-        teacher = OnlineTeacher(teacher_det).to(device)
-        run_info.update(stored=False, teacher_hash=file_sha256(cfg.teacher), inherit=cfg.inherit)
+        selection = None
+        if cfg.online_selection:
+            from detkd.store.select import SelectionPolicy
+
+            selection = SelectionPolicy.from_dict(dict(cfg.online_selection))
+            teacher = SelectingTeacher(teacher_det, selection).to(device)
+        else:
+            teacher = OnlineTeacher(teacher_det).to(device)
+        run_info.update(
+            stored=False,
+            teacher_hash=file_sha256(cfg.teacher),
+            inherit=cfg.inherit,
+            online_selection=selection.to_dict() if selection else None,
+        )
         if cfg.inherit:
             run_info["inherit_counts"] = inherit_neck_and_heads(student, teacher_det)
         if cfg.check_teacher and rank == 0:
@@ -109,6 +123,10 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
         from detkd.store.replay import check_methods
 
         check_methods(teacher.reader, methods)
+    elif isinstance(teacher, SelectingTeacher):
+        from detkd.store.replay import check_methods_for_policy
+
+        check_methods_for_policy(teacher.policy, methods, levels=teacher.levels, importance=False)
     task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)

@@ -64,6 +64,28 @@ class OnlineTeacher:
         return TeacherKnowledge(features=maps.pop("_features"), importance=maps, channel_importance=channel)
 
 
+class SelectingTeacher(OnlineTeacher):
+    """A live teacher whose features pass through a store's selection (cells, channel pooling,
+    float16) before any method sees them: exactly what a store built with ``policy`` would serve,
+    without the store. A control that separates what selecting costs from what storing costs."""
+
+    def __init__(self, detector: Detector, policy) -> None:
+        super().__init__(detector)
+        self.policy = policy
+
+    def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge:
+        from detkd.store.build import teacher_selection
+        from detkd.store.reader import collate_knowledge
+
+        self.detector.eval()
+        records = teacher_selection(self.detector, batch.images, batch.image_sizes, self.policy)
+        canvas = batch.images.shape[-2:]
+        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}
+        return collate_knowledge(
+            records, feature_shapes=sizes, channel_group=self.policy.channel_group, device=batch.images.device
+        )
+
+
 def teacher_importance(detector: Detector, images: Tensor, image_sizes, targets, *, importance_maps, **mode):
     """Returns ({level: importance [B,1,H,W], "_features": {level: features}}, {level: channel weights})."""
     with torch.no_grad():

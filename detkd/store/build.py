@@ -207,9 +207,24 @@ def _feature_shapes(teacher: Detector, canvas: int, device) -> dict[str, list[in
     return {lv: list(f.shape[-2:]) for lv, f in feats.items()}
 
 
+def teacher_selection(
+    teacher: Detector, images: torch.Tensor, image_sizes: list, policy: SelectionPolicy
+) -> list[dict[str, LevelRecord]]:
+    """Teacher forward on a batch of canvases, then ``policy``'s selection: one record per image."""
+    with torch.no_grad():
+        raw = teacher.backbone_features(images, image_sizes)
+        feats = teacher.name_features(raw)
+        detections = None
+        if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
+            detections = teacher.predict_from_features(raw, images, image_sizes)
+    return policy.select_batch(
+        feats, image_sizes=[tuple(size) for size in image_sizes], strides=teacher.strides, detections=detections
+    )
+
+
 def select_batch(teacher: Detector, batch: Batch, policy: SelectionPolicy, importance: dict | None):
     """Teacher forward on one batch, then per image view: (image_id, view, {level: LevelRecord})."""
-    detections = spatial = channel = None
+    spatial = channel = None
     if importance is not None:
         from detkd.distill.gkd import importance_maps
         from detkd.distill.teacher import teacher_importance
@@ -219,17 +234,11 @@ def select_batch(teacher: Detector, batch: Batch, policy: SelectionPolicy, impor
         )
         feats = maps.pop("_features")
         spatial = maps
+        records = policy.select_batch(
+            feats, image_sizes=[tuple(size) for size in batch.image_sizes], strides=teacher.strides
+        )
     else:
-        with torch.no_grad():
-            raw = teacher.backbone_features(batch.images, batch.image_sizes)
-            feats = teacher.name_features(raw)
-            if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
-                detections = teacher.predict_from_features(raw, batch.images, batch.image_sizes)
-    dets = None if detections is None else [{k: v.detach() for k, v in d.items()} for d in detections]
-    sizes = [tuple(size) for size in batch.image_sizes]
-    records = policy.select_batch(
-        {lv: f.detach() for lv, f in feats.items()}, image_sizes=sizes, strides=teacher.strides, detections=dets
-    )
+        records = teacher_selection(teacher, batch.images, batch.image_sizes, policy)
     for j, (image_id, view, record) in enumerate(zip(batch.image_ids, batch.views, records, strict=True)):
         if spatial is not None:
             for lv, rec in record.items():

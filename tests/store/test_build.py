@@ -275,3 +275,26 @@ def test_build_refuses_bad_settings(tmp_path, tiny_source, teacher_ckpt, spec_fa
     build(tmp_path, tiny_source, ckpt, "d")
     with pytest.raises(StoreError, match="different policy"):  # a rerun with other settings does not mix stores
         build(tmp_path, tiny_source, ckpt, "d", policy=SelectionPolicy(name="dense"))
+
+
+def test_selecting_teacher_serves_what_the_store_serves(tmp_path, tiny_source, teacher_ckpt):
+    from detkd.distill.teacher import SelectingTeacher
+
+    ckpt, teacher = teacher_ckpt
+    policy = SelectionPolicy(top_k=5, channel_group=2, per_level={"p6": "dense"})
+    build(tmp_path, tiny_source, ckpt, "s", policy=policy)
+    reader = StoreReader(tmp_path / "s")
+    views, knowledge = providers(reader, tiny_source)
+    ds = ViewedDataset(tiny_source, POLICY, train=True, view_provider=views, knowledge_provider=knowledge)
+    batch = Collate(POLICY.canvas)([ds[i] for i in range(len(tiny_source))])
+    needs = frozenset({"features"})
+    stored = StoredTeacher(reader).knowledge(batch, needs)
+    live = SelectingTeacher(teacher, policy).knowledge(batch, needs)
+    assert live.channel_group == stored.channel_group == 2
+    assert set(live.cells) == set(stored.cells) == {"p3", "p4", "p5", "p7"} and set(live.features) == {"p6"}
+    for lv, cells in stored.cells.items():
+        assert torch.equal(live.cells[lv].batch_index, cells.batch_index)
+        assert torch.equal(live.cells[lv].yx, cells.yx)
+        # The store ran the teacher on other batches: equal up to float16 rounding.
+        torch.testing.assert_close(live.cells[lv].values, cells.values, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(live.features["p6"], stored.features["p6"], rtol=2e-3, atol=2e-3)

@@ -119,3 +119,46 @@ def test_stored_distillation_runs_with_the_teacher_checkpoint_deleted(tmp_path):
     assert run["stored"] is True and run["teacher_ap"] == 0.5
     # The store holds unflipped views only; training served flipped ones by mirroring.
     assert {k.split("/")[1] for k in StoreReader(tmp_path / "store").keys()} == {View(64).key}
+
+
+def test_online_selection_runs_the_stored_loss_on_a_live_teacher(tmp_path):
+    from detkd.config import load_recipe
+    from detkd.data.synthetic import generate_synthetic
+    from detkd.distill.run import distill
+    from detkd.models.builders import DetectorSpec
+
+    data = generate_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64, seed=0)
+    torch.manual_seed(0)
+    spec = DetectorSpec(family="fcos", num_classes=6, fpn_channels=16, head_convs=1)
+    ckpt = tmp_path / "teacher.pt"
+    from detkd.data.formats.detect import open_source
+
+    names = open_source(data, format="coco", split="train").class_names
+    save_checkpoint(ckpt, build_detector(spec), class_names=names)
+
+    def recipe(method, teacher=ckpt):
+        return load_recipe(
+            None,
+            {
+                "data": {"root": str(data), "sizes": [64], "batch_size": 4, "workers": 0},
+                "model": {"family": "fcos", "fpn_channels": 16, "head_convs": 1},
+                "train": {"epochs": 1, "warmup_iters": 1, "out": str(tmp_path / method), "device": "cpu"},
+                "distill": {
+                    "teacher": str(teacher),
+                    "methods": [{"name": method}],
+                    "check_teacher": False,
+                    "online_selection": {"name": "nms-ksd", "channel_group": 4},
+                },
+            },
+        )
+
+    metrics = distill(recipe("fitnet"), progress=False)
+    assert metrics["stored"] is False and 0.0 <= metrics["AP"] <= 1.0
+    run = torch.load(tmp_path / "fitnet" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    assert run["online_selection"]["channel_group"] == 4 and run["online_selection"]["name"] == "nms-ksd"
+    with pytest.raises(ConfigError, match="needs whole teacher feature maps"):
+        distill(recipe("fgd"), progress=False)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already selected"):
+        distill(recipe("fitnet", teacher=tmp_path / "store"), progress=False)
