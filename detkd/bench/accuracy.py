@@ -65,13 +65,24 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
 
 
 def format_table(table: list[dict], *, teacher_ap: float | None = None) -> str:
-    lines = ["| run | seeds | AP mean | AP spread (max-min) | AP50 mean | s/epoch |", "|---|---|---|---|---|---|"]
+    """Markdown table in AP points (x100); "vs student" is the difference of means to the student row."""
+    base = next((t["AP_mean"] for t in table if t["row"] == "student"), None)
+
+    def pts(v: float | None, sign: bool = False) -> str:
+        return "—" if v is None else (f"{100 * v:+.1f}" if sign else f"{100 * v:.1f}")
+
+    lines = [
+        "| run | seeds | AP per seed | AP mean | AP spread (max-min) | vs student | AP50 mean | s/epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in table:
-        spread = "—" if t["AP_spread"] is None else f"{100 * t['AP_spread']:.1f}"
-        mean = "—" if t["AP_mean"] is None else f"{100 * t['AP_mean']:.1f}"
-        ap50 = "—" if t["AP50_mean"] is None else f"{100 * t['AP50_mean']:.1f}"
+        per_seed = ", ".join(pts(a) for a in t.get("AP_all", [])) or "—"
+        gain = None if base is None or t["AP_mean"] is None or t["row"] == "student" else t["AP_mean"] - base
         secs = "—" if t["epoch_seconds_mean"] is None else f"{t['epoch_seconds_mean']:.0f}"
-        lines.append(f"| {t['row']} | {t['seeds']} | {mean} | {spread} | {ap50} | {secs} |")
+        lines.append(
+            f"| {t['row']} | {t['seeds']} | {per_seed} | {pts(t['AP_mean'])} | {pts(t['AP_spread'])} | "
+            f"{pts(gain, sign=True)} | {pts(t['AP50_mean'])} | {secs} |"
+        )
     if teacher_ap is not None:
         lines.append(f"\nteacher AP {100 * teacher_ap:.1f} (AP in points, x100)")
     return "\n".join(lines)

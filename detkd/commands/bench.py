@@ -56,5 +56,8 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         selected=args.selected,
     )
-    print(format_table(table))
+    from detkd.models.checkpoint import read_checkpoint
+
+    teacher_ap = (read_checkpoint(args.teacher).get("metrics") or {}).get("AP")  # as evaluated when it was saved
+    print(format_table(table, teacher_ap=teacher_ap))
     return 0

@@ -23,8 +23,8 @@ def test_summarise_mean_spread_and_missing_runs():
     f = table["fitnet (online)"]  # a failed seed counts as missing, not as zero
     assert f["seeds"] == 1 and f["AP_mean"] == pytest.approx(0.085) and f["AP_spread"] is None
     text = format_table(summarise(runs), teacher_ap=0.15)
-    assert "| student | 2 | 4.5 | 1.0 | 9.0 | 32 |" in text
-    assert "| fitnet (online) | 1 | 8.5 | — | 16.0 | 50 |" in text and "teacher AP 15.0" in text
+    assert "| student | 2 | 5.0, 4.0 | 4.5 | 1.0 | — | 9.0 | 32 |" in text
+    assert "| fitnet (online) | 1 | 8.5 | 8.5 | — | +4.0 | 16.0 | 50 |" in text and "teacher AP 15.0" in text
 
 
 def test_run_accuracy_reuses_finished_runs(tmp_path, monkeypatch):
