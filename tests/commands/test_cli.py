@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from detkd.cli import main
 from detkd.distill.base import METHODS
@@ -151,6 +152,26 @@ def test_store_build_info_verify_and_stored_distill_without_teacher(tmp_path, sy
         txn.put(key, bytes(damaged))
     env.close()
     assert main(["store", "verify", str(store)]) == 1
+
+
+def test_bench_accuracy_with_stored_and_selected_rows(tmp_path, synth, capsys):
+    teacher = tmp_path / "teacher"
+    assert main(["train", str(_recipe(tmp_path, synth, teacher)), "--no-progress"]) == 0
+    ckpt, store = teacher / "last.pt", tmp_path / "store"
+    build = ["store", "build", "--teacher", str(ckpt), "--data", str(synth), "--size", "64", "--workers", "0"]
+    assert main([*build, "--channel-group", "2", "--out", str(store), "--no-progress"]) == 0
+    out = tmp_path / "bench"
+    args = ["bench", "accuracy", "--recipe", str(_recipe(tmp_path, synth, tmp_path / "unused"))]
+    args += ["--teacher", str(ckpt), "--store", str(store), "--selected", "--methods", "fitnet", "--seeds", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    for row in ("student", "fitnet (online)", "fitnet (stored)", "fitnet (selected online)"):
+        assert f"| {row} | 1 |" in table
+    assert "teacher AP" in table
+    run = torch.load(out / "fitnet_selected_online-seed0" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    assert run["online_selection"]["channel_group"] == 2 and run["stored"] is False
+    stored = torch.load(out / "fitnet_stored-seed0" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    assert stored["stored"] is True
 
 
 def test_demo_quick_runs_the_whole_story(tmp_path, capsys):
