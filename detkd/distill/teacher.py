@@ -26,6 +26,11 @@ class TeacherSource(Protocol):
     def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge: ...
 
 
+def level_sizes(canvas, strides: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Feature map size of each level on a canvas: strided convs round up, ceil(canvas / stride)."""
+    return {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in strides.items()}
+
+
 class OnlineTeacher:
     """A frozen detector in eval mode, run on the student's exact batch."""
 
@@ -79,8 +84,7 @@ class SelectingTeacher(OnlineTeacher):
 
         self.detector.eval()
         records = teacher_selection(self.detector, batch.images, batch.image_sizes, self.policy)
-        canvas = batch.images.shape[-2:]
-        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}
+        sizes = level_sizes(batch.images.shape[-2:], self.strides)
         return collate_knowledge(
             records, feature_shapes=sizes, channel_group=self.policy.channel_group, device=batch.images.device
         )
@@ -132,9 +136,7 @@ class StoredTeacher:
     def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge:
         if batch.knowledge is None:
             raise RuntimeError("batch carries no stored knowledge: the dataset has no knowledge provider")
-        canvas = batch.images.shape[-2:]
-        # Strided convs round up: a level's size is ceil(canvas / stride).
-        sizes = {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in self.strides.items()}
+        sizes = level_sizes(batch.images.shape[-2:], self.strides)
         knowledge = self.reader.to_knowledge(batch.knowledge, feature_shapes=sizes, device=batch.images.device)
         if "importance" in needs:
             knowledge.importance, knowledge.channel_importance = _stored_importance(batch, sizes)
