@@ -38,6 +38,7 @@ class ModelConfig(_Section):
     fpn_channels: int = 64
     head_convs: int = 2
     anchor_size: int | None = None
+    assigner: Literal["iou", "atss"] = "iou"  # RetinaNet's anchor labelling
     box_head_dim: int = 256
     score_thresh: float = 0.05
     nms_thresh: float = 0.5

@@ -13,12 +13,14 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from detkd.models.assigners import ATSSRetinaNet
 from detkd.models.backbones import BACKBONES, build_fpn_backbone
 from detkd.models.detector import Detector
 from detkd.registry import Registry
 
 DETECTORS: Registry[Callable[..., Detector]] = Registry("detector family")
 
+ASSIGNERS = ("iou", "atss")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -30,7 +32,9 @@ class DetectorSpec:
     ``num_classes`` counts object classes K (labels 1..K); torchvision models get K + 1.
     ``anchor_size`` is the anchor (or FCOS size-range base) of the finest level; smaller
     than torchvision's default suits small images. ``head_convs`` is the depth of the dense
-    heads' conv towers (torchvision uses 4).
+    heads' conv towers (torchvision uses 4). ``assigner`` picks how RetinaNet labels anchors:
+    "iou" (torchvision's matcher: IoU >= 0.5 positive, < 0.4 negative) or "atss" (per-object
+    adaptive IoU threshold, see ``detkd.models.assigners``).
     """
 
     family: str = "fcos"
@@ -39,6 +43,7 @@ class DetectorSpec:
     fpn_channels: int = 256
     head_convs: int = 4
     anchor_size: int | None = None
+    assigner: str = "iou"
     box_head_dim: int = 1024
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
@@ -63,6 +68,10 @@ def build_detector(spec: DetectorSpec | dict) -> Detector:
         spec = DetectorSpec.from_dict(spec)
     if spec.backbone not in BACKBONES:
         raise KeyError(f"unknown backbone {spec.backbone!r}; available: {', '.join(BACKBONES)}")
+    if spec.assigner not in ASSIGNERS:
+        raise ValueError(f"unknown assigner {spec.assigner!r}; available: {', '.join(ASSIGNERS)}")
+    if spec.assigner != "iou" and spec.family != "retinanet":
+        raise ValueError(f"assigner {spec.assigner!r} applies to retinanet only; {spec.family} has its own")
     model = DETECTORS.get(spec.family)(spec)
     return Detector(model, spec=spec.to_dict(), image_mean=spec.image_mean, image_std=spec.image_std)
 
@@ -108,7 +117,10 @@ def _retinanet(spec: DetectorSpec) -> RetinaNet:
     )
     head.classification_head.conv = _set_tower_depth(head.classification_head.conv, spec.head_convs)
     head.regression_head.conv = _set_tower_depth(head.regression_head.conv, spec.head_convs)
-    return RetinaNet(
+    # GIoU box loss, as torchvision's RetinaNet v2 recipe sets it (the v1 default is L1 on deltas).
+    head.regression_head._loss_type = "giou"
+    detector_class = ATSSRetinaNet if spec.assigner == "atss" else RetinaNet
+    return detector_class(
         backbone,
         spec.num_classes + 1,
         anchor_generator=anchors,

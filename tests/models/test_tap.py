@@ -7,6 +7,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from detkd.models import DetectorSpec, build_detector
 
 FAMILIES = ["retinanet", "fcos", "fasterrcnn"]
+# (family, assigner): RetinaNet with ATSS must also match torchvision's own forward of the same model.
+VARIANTS = [(f, "iou") for f in FAMILIES] + [("retinanet", "atss")]
 
 
 def _batch():
@@ -26,11 +28,19 @@ def _batch():
     return images, sizes, originals, targets
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tap_losses_equal_torchvision_forward(family):
+@pytest.mark.parametrize(("family", "assigner"), VARIANTS)
+def test_tap_losses_equal_torchvision_forward(family, assigner):
     torch.manual_seed(0)
     det = build_detector(
-        DetectorSpec(family=family, backbone="resnet18", num_classes=3, fpn_channels=32, head_convs=1, anchor_size=16)
+        DetectorSpec(
+            family=family,
+            backbone="resnet18",
+            num_classes=3,
+            fpn_channels=32,
+            head_convs=1,
+            anchor_size=16,
+            assigner=assigner,
+        )
     )
     det.train()
     images, sizes, originals, targets = _batch()
