@@ -38,6 +38,8 @@ class ModelConfig(_Section):
     fpn_channels: int = 64
     head_convs: int = 2
     anchor_size: int | None = None
+    anchor_scales: int = Field(3, ge=1)  # RetinaNet: octave scales per cell
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])  # RetinaNet: aspect ratios
     assigner: Literal["iou", "atss"] = "iou"  # RetinaNet's anchor labelling
     box_head_dim: int = 256
     score_thresh: float = 0.05

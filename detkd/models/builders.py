@@ -31,10 +31,12 @@ class DetectorSpec:
 
     ``num_classes`` counts object classes K (labels 1..K); torchvision models get K + 1.
     ``anchor_size`` is the anchor (or FCOS size-range base) of the finest level; smaller
-    than torchvision's default suits small images. ``head_convs`` is the depth of the dense
-    heads' conv towers (torchvision uses 4). ``assigner`` picks how RetinaNet labels anchors:
-    "iou" (torchvision's matcher: IoU >= 0.5 positive, < 0.4 negative) or "atss" (per-object
-    adaptive IoU threshold, see ``detkd.models.assigners``).
+    than torchvision's default suits small images. RetinaNet tiles ``anchor_scales`` octave
+    scales x ``anchor_ratios`` aspect ratios per cell (torchvision: 3 x (0.5, 1, 2) = 9).
+    ``head_convs`` is the depth of the dense heads' conv towers (torchvision uses 4).
+    ``assigner`` picks how RetinaNet labels anchors: "iou" (torchvision's matcher: IoU >= 0.5
+    positive, < 0.4 negative) or "atss" (per-object adaptive IoU threshold, see
+    ``detkd.models.assigners``).
     """
 
     family: str = "fcos"
@@ -43,6 +45,8 @@ class DetectorSpec:
     fpn_channels: int = 256
     head_convs: int = 4
     anchor_size: int | None = None
+    anchor_scales: int = 3
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     assigner: str = "iou"
     box_head_dim: int = 1024
     score_thresh: float = 0.05
@@ -107,7 +111,8 @@ def _retinanet(spec: DetectorSpec) -> RetinaNet:
         spec.backbone, fpn_channels=spec.fpn_channels, extra="p6p7", returned_layers=[2, 3, 4]
     )
     base = spec.anchor_size or 32
-    anchors = AnchorGenerator(_dense_anchor_sizes(base, (1.0, 2 ** (1 / 3), 2 ** (2 / 3))), ((0.5, 1.0, 2.0),) * 5)
+    scales = tuple(2 ** (i / spec.anchor_scales) for i in range(spec.anchor_scales))
+    anchors = AnchorGenerator(_dense_anchor_sizes(base, scales), (tuple(spec.anchor_ratios),) * 5)
     # GroupNorm in the head (torchvision's RetinaNet v2 choice): stable from scratch at small batch.
     head = RetinaNetHead(
         spec.fpn_channels,
