@@ -71,7 +71,14 @@ class ATSSRetinaNet(RetinaNet):
         super().__init__(*args, **kwargs)
         self.atss_top_k = atss_top_k
         self._cells_per_level: list[int] = []
-        self.head.register_forward_pre_hook(self._record_level_sizes)
+        self._hook = self.head.register_forward_pre_hook(self._record_level_sizes)
+
+    def for_inference(self) -> RetinaNet:
+        """This model as a plain torchvision RetinaNet (same modules and outputs; ATSS only changes
+        training). TorchScript cannot script the level-size hook, so export goes through this."""
+        self._hook.remove()
+        self.__class__ = RetinaNet
+        return self
 
     def _record_level_sizes(self, _module, args) -> None:
         self._cells_per_level = [f.shape[-2] * f.shape[-1] for f in args[0]]

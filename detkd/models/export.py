@@ -15,11 +15,14 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detkd.errors import DetkdError
+from detkd.models.assigners import ATSSRetinaNet
 from detkd.models.detector import Detector
 
 
 def deployable(detector: Detector, *, size: int) -> torch.nn.Module:
     model = copy.deepcopy(detector.model).eval()
+    if isinstance(model, ATSSRetinaNet):
+        model = model.for_inference()
     # min_size == max_size == size: the longer side is scaled to `size` unless the shorter one
     # would exceed it first, which cannot happen, so this is detkd's "longer side = size" rule.
     model.transform = GeneralizedRCNNTransform(
