@@ -1,10 +1,9 @@
 """ATSS anchor assignment (Zhang et al., CVPR 2020) for torchvision's RetinaNet.
 
 torchvision's RetinaNet labels an anchor positive when its IoU with a box is >= 0.5, so small objects
-get few positives. ATSS instead takes, per box and
-FPN level, the anchors whose centres are nearest the box centre, and keeps those whose IoU exceeds
-the mean + standard deviation of the candidates' IoUs (and whose centre lies inside the box): an
-adaptive threshold per object.
+get few positives. ATSS instead takes, per box and FPN level, the anchors whose centres are nearest
+the box centre, and keeps those whose IoU exceeds the mean + standard deviation of the candidates'
+IoUs (and whose centre lies inside the box): an adaptive threshold per object.
 """
 
 from __future__ import annotations
