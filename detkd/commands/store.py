@@ -24,6 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--kernel", type=int, default=3, help="NMS window (k x k)")
     b.add_argument("--threshold", type=float, default=0.0, help="relative saliency threshold")
     b.add_argument("--channel-group", type=int, default=4, help="grouped channel max pooling C -> C/r (1 = off)")
+    b.add_argument(
+        "--value-dtype",
+        choices=["float16", "int8"],
+        default="float16",
+        help="stored feature values: float16, or int8 with a float16 scale per cell (half the bytes)",
+    )
     b.add_argument("--views", choices=["both", "noflip"], default="both", help="store both flips (default)")
     b.add_argument(
         "--mirror-flips",
@@ -85,6 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
         top_k=top_k,
         density=args.density,
         channel_group=args.channel_group,
+        value_dtype=args.value_dtype,
     )
     source = open_source(args.data, format=args.format, split=args.split)
     views = ViewPolicy(sizes=tuple(args.size), flip_prob=0.5 if args.views == "both" else 0.0)
@@ -160,6 +167,7 @@ def run_info(args: argparse.Namespace) -> int:
     )
     print(
         f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "
+        f"values {info['policy'].get('value_dtype', 'float16')}  "
         f"per-level {info['policy'].get('per_level') or {}}"
     )
     print(f"  views {', '.join(info['views'])}")

@@ -71,7 +71,7 @@ class OnlineTeacher:
 
 class SelectingTeacher(OnlineTeacher):
     """A live teacher whose features pass through a store's selection (cells, channel pooling,
-    float16) before any method sees them: exactly what a store built with ``policy`` would serve,
+    float16 or int8) before any method sees them: exactly what a store built with ``policy`` would serve,
     without the store. A control that separates what selecting costs from what storing costs."""
 
     def __init__(self, detector: Detector, policy) -> None:
@@ -80,10 +80,12 @@ class SelectingTeacher(OnlineTeacher):
 
     def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge:
         from detkd.store.build import teacher_selection
+        from detkd.store.codec import as_stored
         from detkd.store.reader import collate_knowledge
 
         self.detector.eval()
         records = teacher_selection(self.detector, batch.images, batch.image_sizes, self.policy)
+        records = [as_stored(r, value_dtype=self.policy.value_dtype) for r in records]
         sizes = level_sizes(batch.images.shape[-2:], self.strides)
         return collate_knowledge(
             records, feature_shapes=sizes, channel_group=self.policy.channel_group, device=batch.images.device

@@ -30,6 +30,7 @@ from detkd.data.sample import Record
 from detkd.data.views import View, ViewPolicy
 from detkd.models.checkpoint import file_sha256, load_detector
 from detkd.models.detector import Detector
+from detkd.store.codec import layout_dtypes
 from detkd.store.format import LevelRecord, Manifest, StoreError
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import StoreWriter, shard_indices
@@ -145,6 +146,7 @@ def build_store(
         channels=dict(teacher.channels),
         feature_shapes=_feature_shapes(teacher, canvas, device),
         policy=policy.to_dict(),
+        dtypes=layout_dtypes(policy.value_dtype),
         views=[v.to_dict() for v in views],
         dataset_fingerprint=source.fingerprint(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

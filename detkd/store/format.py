@@ -12,10 +12,10 @@ An encoded record (all integers little-endian)::
     b"DK" | version u8 | blake2b-128 digest of the payload (16 bytes) | payload
     payload = n varint | n x (name_len u8, name utf-8, dtype u8, ndim u8, ndim x dim varint) | raw arrays, same order
 
-Array names are ``"<level>/<part>"`` with part ``i`` (cell y, x: int16 [K, 2]), ``v`` (values: float16
-[K, C/r]), ``s`` (score: float16 [K]), ``d`` (dense map: float16 [C/r, h, w], valid region only) or any
-longer name for extra per-level arrays. Names are one letter because at the NMS-KSD operating point a
-record is a few KB and headers count.
+Array names are ``"<level>/<part>"``: one-letter parts for cells, values, scores, dense maps and
+their int8 scales (their layout is ``detkd.store.codec``'s), any longer name for extra per-level
+arrays. Names are one letter because at the NMS-KSD operating point a record is a few hundred
+bytes and headers count.
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ _DTYPES: dict[int, np.dtype] = {
     8: np.dtype("?"),
 }
 _CODES = {dt.str: code for code, dt in _DTYPES.items()}
-DEFAULT_DTYPES = {"yx": "int16", "values": "float16", "score": "float16", "dense": "float16"}
+# What the manifest records of the record layout (stores written before the flat cell index say "yx": "int16").
+DEFAULT_DTYPES = {
+    "cell_index": "flat y*W+x, uint8 / int16 / int32 by map size",
+    "values": "float16",
+    "score": "float16",
+    "dense": "float16",
+}
 _PARTS = {"i": "yx", "v": "values", "s": "score", "d": "dense"}
 
 

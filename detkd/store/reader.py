@@ -16,6 +16,7 @@ import torch
 
 from detkd.data.views import View
 from detkd.distill.base import SparseCells, TeacherKnowledge
+from detkd.store.codec import decode_levels
 from detkd.store.format import (
     RECORDS,
     LevelRecord,
@@ -24,7 +25,6 @@ from detkd.store.format import (
     decode_record,
     parse_key,
     record_key,
-    unflatten_record,
 )
 from detkd.store.lmdb_env import iter_items, open_readonly
 from detkd.store.select import SelectionPolicy
@@ -109,7 +109,7 @@ class StoreReader:
                 else ("it holds nothing for this image: was it built for this data set, and did the build finish?")
             )
             raise StoreError(f"{self.path}: no record for image {image_id} view {view.key}; {hint}")
-        return unflatten_record(arrays)
+        return decode_levels(arrays, feature_shapes=self.manifest.feature_shapes)
 
     def views_for(self, image_id: int) -> list[View]:
         prefix = f"{int(image_id)}/".encode()
@@ -303,7 +303,8 @@ def verify_store(path: str | Path) -> VerifyReport:
             try:
                 image_id, view = parse_key(key)
                 image_ids.add(image_id)
-                record = unflatten_record(decode_record(value, verify=True, key=name))
+                arrays = decode_record(value, verify=True, key=name)
+                record = decode_levels(arrays, feature_shapes=manifest.feature_shapes)
             except StoreError as exc:
                 report.errors.append(str(exc))
                 continue

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from detkd.distill.base import channel_group_max
 from detkd.errors import ConfigError
+from detkd.store.codec import VALUE_DTYPES
 from detkd.store.format import LevelRecord, StoreError
 
 SALIENCY = ("max", "mean_abs")
@@ -244,7 +245,8 @@ class SelectionPolicy:
     e.g. ``{"p6": "dense", "p7": "dense"}``. ``top_k`` is one int for all levels, a per-level dict,
     or None for ``default_top_k(stride)``; ``density`` (if set) further caps each level at
     ceil(density x its valid cells), so the stored fraction of a map does not grow as images shrink.
-    Values are stored as float16 after grouped channel max pooling by ``channel_group``.
+    Values are stored as float16 after grouped channel max pooling by ``channel_group``, or with
+    ``value_dtype="int8"`` as int8 with a float16 scale per cell (``detkd.store.codec``).
     """
 
     name: str = "nms-ksd"
@@ -255,6 +257,7 @@ class SelectionPolicy:
     top_k: int | dict[str, int] | None = None
     density: float | None = None
     channel_group: int = 4
+    value_dtype: str = "float16"
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -269,6 +272,8 @@ class SelectionPolicy:
             raise ConfigError(f"selection policy kernel: must be an odd positive integer, got {self.kernel}")
         if self.channel_group < 1:
             raise ConfigError(f"selection policy channel_group: must be >= 1, got {self.channel_group}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"selection policy value_dtype: unknown {self.value_dtype!r}; choose {VALUE_DTYPES}")
         if self.saliency not in SALIENCY:
             raise ConfigError(f"selection policy saliency: unknown {self.saliency!r}; choose one of {SALIENCY}")
         if self.threshold_mode not in ("relative", "absolute"):

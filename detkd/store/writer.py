@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from detkd.data.views import View
+from detkd.store.codec import encode_levels
 from detkd.store.format import (
     MANIFEST,
     RECORDS,
@@ -26,7 +27,6 @@ from detkd.store.format import (
     Manifest,
     StoreError,
     encode_record,
-    flatten_record,
     parse_key,
     record_key,
     write_json_atomic,
@@ -182,7 +182,11 @@ class StoreWriter:
                     f"record for image {image_id} view {view.key}: level(s) {unknown} are not in "
                     f"the manifest's levels {self.manifest.levels}"
                 )
-            record = flatten_record(record)
+            record = encode_levels(
+                record,
+                feature_shapes=self.manifest.feature_shapes,
+                value_dtype=self.manifest.policy.get("value_dtype", "float16"),
+            )
         self._pending[record_key(image_id, view).encode()] = encode_record(record)
         if len(self._pending) >= self.commit_every:
             self.flush()

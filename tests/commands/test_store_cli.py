@@ -54,6 +54,24 @@ def test_build_info_verify_and_a_damaged_record(setup, capsys):
     assert "1 problem(s)" in out and f"{key.decode()}" in out and "checksum mismatch" in out
 
 
+def test_int8_values_shrink_the_store(setup, capsys):
+    from detkd.store.format import parse_key
+    from detkd.store.reader import StoreReader, store_info
+
+    root, data = setup
+    for name, dtype in (("f16", "float16"), ("i8", "int8")):
+        assert store_build(root, data, name, "--channel-group", "1", "--value-dtype", dtype) == 0
+        assert f"values {dtype}" in capsys.readouterr().out
+        assert main(["store", "verify", str(root / name)]) == 0
+    f16, i8 = store_info(root / "f16"), store_info(root / "i8")
+    assert f16["records"] == i8["records"] == 12
+    reader = StoreReader(root / "i8")
+    cells = sum(rec.num_cells for key in reader.keys() for rec in reader.read(*parse_key(key)).values())
+    # Same cells: int8 saves one byte per value (16 channels), spends two per cell on its scale and
+    # one array header per level and record (length, "pN/q", dtype, ndim, one dim: 8 bytes).
+    assert f16["record_bytes"] - i8["record_bytes"] == cells * (16 - 2) - 12 * 5 * 8
+
+
 def test_sharded_build_then_merge(setup, capsys):
     root, data = setup
     for shard in ("0", "1"):

@@ -1,0 +1,131 @@
+"""How a record's levels are laid out as named arrays on disk, and back: cell indices and value dtypes.
+
+A ``LevelRecord`` always holds cells as (y, x) and features as float16. On disk a level holds::
+
+    j  flat cell index y * W + x on the level's canvas map (W from the manifest's feature shapes),
+       in the smallest integer dtype that holds H * W (uint8 up to 256 cells, so 1 byte per cell
+       instead of 4 for int16 (y, x) at the small maps where a record is a few hundred bytes)
+    i  cell (y, x) int16 [K, 2]: what stores written before the flat index hold; still read
+    v  values [K, C'] and d  dense map [C', h, w]: float16, or int8 with
+    q  the float16 scale of each int8 vector (one per cell: [K] for v, [h, w] for d); value = int8 x q
+    s  score float16 [K]; any longer name is an extra array, stored as given
+
+int8 is symmetric per cell vector: scale = max |x| / 127, so a cell's rounding error is at most
+half a step, 1/254 of its largest channel. It halves the values' bytes again after fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from detkd.errors import ConfigError
+from detkd.store.format import DEFAULT_DTYPES, LevelRecord, StoreError
+
+VALUE_DTYPES = ("float16", "int8")
+
+
+def index_dtype(num_cells: int) -> torch.dtype:
+    """The smallest stored integer dtype that indexes ``num_cells`` cells."""
+    if num_cells <= 256:
+        return torch.uint8
+    if num_cells <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def layout_dtypes(value_dtype: str) -> dict[str, str]:
+    """What a manifest records of the layout ``encode_levels(..., value_dtype=...)`` writes."""
+    if value_dtype == "float16":
+        return dict(DEFAULT_DTYPES)
+    return {**DEFAULT_DTYPES, "values": "int8 x float16 scale per cell", "dense": "int8 x float16 scale per cell"}
+
+
+def quantize_int8(x: Tensor, *, dim: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 along ``dim``: (q int8 like x, scale float16 with ``dim`` removed), x ~ q * scale."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=dim, keepdim=True) / 127).half()  # round first: quantise against what is stored
+    s32 = scale.float()
+    q = torch.where(s32 > 0, torch.round(x32 / s32.clamp(min=torch.finfo(torch.float32).tiny)), 0.0)
+    return q.clamp(-127, 127).to(torch.int8), scale.squeeze(dim)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, *, dim: int) -> Tensor:
+    """Inverse of ``quantize_int8`` up to its rounding, as float16."""
+    return (q.float() * scale.float().unsqueeze(dim)).half()
+
+
+def as_stored(levels: dict[str, LevelRecord], *, value_dtype: str) -> dict[str, LevelRecord]:
+    """The records a reader gets back for ``levels`` written with ``value_dtype`` (the int8 rounding)."""
+    if value_dtype == "float16":
+        return levels
+    out = {}
+    for level, rec in levels.items():
+        values, dense = rec.values, rec.dense
+        if values is not None:
+            values = dequantize_int8(*quantize_int8(values, dim=-1), dim=-1)
+        if dense is not None:
+            dense = dequantize_int8(*quantize_int8(dense, dim=0), dim=0)
+        out[level] = LevelRecord(yx=rec.yx, values=values, score=rec.score, dense=dense, extras=dict(rec.extras))
+    return out
+
+
+def encode_levels(
+    levels: dict[str, LevelRecord],
+    *,
+    feature_shapes: dict[str, list[int] | tuple[int, int]],
+    value_dtype: str = "float16",
+) -> dict[str, Tensor]:
+    """{level: LevelRecord} -> {"<level>/<part>": array}, the input of ``encode_record``."""
+    if value_dtype not in VALUE_DTYPES:
+        raise ConfigError(f"value_dtype: unknown {value_dtype!r}; choose one of {VALUE_DTYPES}")
+    out: dict[str, dict[str, Tensor]] = {}
+    for level, rec in levels.items():
+        if level not in feature_shapes:
+            raise StoreError(f"level {level!r} has no feature shape in the manifest: cannot index its cells")
+        if rec.values is not None and rec.dense is not None:
+            raise StoreError(f"level {level!r}: a record holds cell values or a dense map, not both")
+        h, w = (int(v) for v in feature_shapes[level])
+        parts = rec.arrays()  # checks the extras' names
+        if "i" in parts:
+            yx = parts.pop("i").long()
+            outside = (yx[:, 0] < 0) | (yx[:, 0] >= h) | (yx[:, 1] < 0) | (yx[:, 1] >= w)
+            if outside.any():
+                raise StoreError(f"level {level!r}: cell {yx[outside][0].tolist()} lies outside its {h} x {w} map")
+            parts["j"] = (yx[:, 0] * w + yx[:, 1]).to(index_dtype(h * w))
+        for part, dim in (("v", -1), ("d", 0)):
+            if part in parts:
+                if value_dtype == "int8":
+                    parts[part], parts["q"] = quantize_int8(parts[part], dim=dim)
+                else:
+                    parts[part] = parts[part].half()
+        out[level] = parts
+    return {f"{level}/{part}": a for level, parts in out.items() for part, a in parts.items()}
+
+
+def decode_levels(
+    arrays: dict[str, Tensor], *, feature_shapes: dict[str, list[int] | tuple[int, int]]
+) -> dict[str, LevelRecord]:
+    """Inverse of ``encode_levels`` (and reads the (y, x) layout of older stores)."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for name, array in arrays.items():
+        level, sep, part = name.rpartition("/")
+        if not sep:
+            raise StoreError(f"record array {name!r} has no level prefix")
+        grouped.setdefault(level, {})[part] = array
+    out: dict[str, LevelRecord] = {}
+    for level, parts in grouped.items():
+        if "j" in parts:
+            if level not in feature_shapes:
+                raise StoreError(f"level {level!r} has no feature shape in the manifest: cannot place its cells")
+            w = int(feature_shapes[level][1])
+            j = parts.pop("j").long()
+            parts["i"] = torch.stack([j // w, j % w], dim=1).to(torch.int16)
+        scale = parts.pop("q", None)
+        if scale is not None:
+            part, dim = ("v", -1) if "v" in parts else ("d", 0)
+            if part not in parts or parts[part].dtype != torch.int8:
+                raise StoreError(f"level {level!r}: an int8 scale without int8 values; the record is corrupt")
+            parts[part] = dequantize_int8(parts[part], scale, dim=dim)
+        out[level] = LevelRecord.from_arrays(parts)
+    return out
