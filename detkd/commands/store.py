@@ -26,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--channel-group", type=int, default=4, help="grouped channel max pooling C -> C/r (1 = off)")
     b.add_argument(
         "--value-dtype",
-        choices=["float16", "int8"],
+        choices=["float16", "int8", "int4"],
         default="float16",
-        help="stored feature values: float16, or int8 with a float16 scale per cell (half the bytes)",
+        help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes)",
     )
     b.add_argument("--views", choices=["both", "noflip"], default="both", help="store both flips (default)")
     b.add_argument(

@@ -6,12 +6,14 @@ A ``LevelRecord`` always holds cells as (y, x) and features as float16. On disk 
        in the smallest integer dtype that holds H * W (uint8 up to 256 cells, so 1 byte per cell
        instead of 4 for int16 (y, x) at the small maps where a record is a few hundred bytes)
     i  cell (y, x) int16 [K, 2]: what stores written before the flat index hold; still read
-    v  values [K, C'] and d  dense map [C', h, w]: float16, or int8 with
-    q  the float16 scale of each int8 vector (one per cell: [K] for v, [h, w] for d); value = int8 x q
+    v  values [K, C'] and d  dense map [C', h, w]: float16; int8; or int4 as uint8 holding two
+       channels (2c in the low nibble, 2c + 1 in the high one, each stored + 8), so [K, C'/2]
+    q  the float16 scale of each int8 / int4 vector (one per cell: [K] for v, [h, w] for d);
+       value = integer x q
     s  score float16 [K]; any longer name is an extra array, stored as given
 
-int8 is symmetric per cell vector: scale = max |x| / 127, so a cell's rounding error is at most
-half a step, 1/254 of its largest channel. It halves the values' bytes again after fp16.
+Integer values are symmetric per cell vector: scale = max |x| / 127 (int8) or / 7 (int4), so a
+cell's rounding error is at most half a step: 1/254 (int8) or 1/14 (int4) of its largest channel.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import Tensor
 from detkd.errors import ConfigError
 from detkd.store.format import DEFAULT_DTYPES, LevelRecord, StoreError
 
-VALUE_DTYPES = ("float16", "int8")
+VALUE_DTYPES = ("float16", "int8", "int4")
+_QMAX = {"int8": 127, "int4": 7}
 
 
 def index_dtype(num_cells: int) -> torch.dtype:
@@ -38,34 +41,66 @@ def layout_dtypes(value_dtype: str) -> dict[str, str]:
     """What a manifest records of the layout ``encode_levels(..., value_dtype=...)`` writes."""
     if value_dtype == "float16":
         return dict(DEFAULT_DTYPES)
-    return {**DEFAULT_DTYPES, "values": "int8 x float16 scale per cell", "dense": "int8 x float16 scale per cell"}
+    kind = "int8" if value_dtype == "int8" else "int4 (two per uint8)"
+    return {**DEFAULT_DTYPES, "values": f"{kind} x float16 scale per cell", "dense": f"{kind} x float16 scale per cell"}
 
 
-def quantize_int8(x: Tensor, *, dim: int) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 along ``dim``: (q int8 like x, scale float16 with ``dim`` removed), x ~ q * scale."""
+def quantize_symmetric(x: Tensor, *, dim: int, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """Symmetric integers in [-qmax, qmax] along ``dim``: (q int8 like x, scale float16 with ``dim``
+    removed), x ~ q * scale."""
     x32 = x.float()
-    scale = (x32.abs().amax(dim=dim, keepdim=True) / 127).half()  # round first: quantise against what is stored
+    scale = (x32.abs().amax(dim=dim, keepdim=True) / qmax).half()  # round first: quantise against what is stored
     s32 = scale.float()
     q = torch.where(s32 > 0, torch.round(x32 / s32.clamp(min=torch.finfo(torch.float32).tiny)), 0.0)
-    return q.clamp(-127, 127).to(torch.int8), scale.squeeze(dim)
+    return q.clamp(-qmax, qmax).to(torch.int8), scale.squeeze(dim)
 
 
-def dequantize_int8(q: Tensor, scale: Tensor, *, dim: int) -> Tensor:
-    """Inverse of ``quantize_int8`` up to its rounding, as float16."""
+def dequantize(q: Tensor, scale: Tensor, *, dim: int) -> Tensor:
+    """Inverse of ``quantize_symmetric`` up to its rounding, as float16."""
     return (q.float() * scale.float().unsqueeze(dim)).half()
 
 
+def pack_int4(q: Tensor, *, dim: int) -> Tensor:
+    """int8 in [-7, 7] -> uint8 with two values per byte along ``dim`` (which must have even length)."""
+    if q.shape[dim] % 2:
+        raise StoreError(f"int4 values: {q.shape[dim]} channels cannot be packed two per byte; use an even count")
+    u = (q.movedim(dim, 0).to(torch.int16) + 8).to(torch.uint8)
+    return (u[0::2] | (u[1::2] << 4)).movedim(0, dim).contiguous()
+
+
+def unpack_int4(packed: Tensor, *, dim: int) -> Tensor:
+    """Inverse of ``pack_int4``."""
+    p = packed.movedim(dim, 0)
+    both = torch.stack([p & 15, p >> 4], dim=1).reshape(2 * p.shape[0], *p.shape[1:])
+    return (both.to(torch.int16) - 8).to(torch.int8).movedim(0, dim).contiguous()
+
+
+def _encode_values(x: Tensor, *, dim: int, value_dtype: str) -> tuple[Tensor, Tensor | None]:
+    if value_dtype == "float16":
+        return x.half(), None
+    q, scale = quantize_symmetric(x, dim=dim, qmax=_QMAX[value_dtype])
+    return (pack_int4(q, dim=dim) if value_dtype == "int4" else q), scale
+
+
+def _decode_values(x: Tensor, scale: Tensor, *, dim: int) -> Tensor:
+    if x.dtype == torch.uint8:  # int4, two per byte
+        return dequantize(unpack_int4(x, dim=dim), scale, dim=dim)
+    if x.dtype == torch.int8:
+        return dequantize(x, scale, dim=dim)
+    raise StoreError(f"values of dtype {x.dtype} with an integer scale: the record is corrupt")
+
+
 def as_stored(levels: dict[str, LevelRecord], *, value_dtype: str) -> dict[str, LevelRecord]:
-    """The records a reader gets back for ``levels`` written with ``value_dtype`` (the int8 rounding)."""
+    """The records a reader gets back for ``levels`` written with ``value_dtype`` (its rounding)."""
     if value_dtype == "float16":
         return levels
     out = {}
     for level, rec in levels.items():
         values, dense = rec.values, rec.dense
         if values is not None:
-            values = dequantize_int8(*quantize_int8(values, dim=-1), dim=-1)
+            values = _decode_values(*_encode_values(values, dim=-1, value_dtype=value_dtype), dim=-1)
         if dense is not None:
-            dense = dequantize_int8(*quantize_int8(dense, dim=0), dim=0)
+            dense = _decode_values(*_encode_values(dense, dim=0, value_dtype=value_dtype), dim=0)
         out[level] = LevelRecord(yx=rec.yx, values=values, score=rec.score, dense=dense, extras=dict(rec.extras))
     return out
 
@@ -95,10 +130,9 @@ def encode_levels(
             parts["j"] = (yx[:, 0] * w + yx[:, 1]).to(index_dtype(h * w))
         for part, dim in (("v", -1), ("d", 0)):
             if part in parts:
-                if value_dtype == "int8":
-                    parts[part], parts["q"] = quantize_int8(parts[part], dim=dim)
-                else:
-                    parts[part] = parts[part].half()
+                parts[part], scale = _encode_values(parts[part], dim=dim, value_dtype=value_dtype)
+                if scale is not None:
+                    parts["q"] = scale
         out[level] = parts
     return {f"{level}/{part}": a for level, parts in out.items() for part, a in parts.items()}
 
@@ -124,8 +158,8 @@ def decode_levels(
         scale = parts.pop("q", None)
         if scale is not None:
             part, dim = ("v", -1) if "v" in parts else ("d", 0)
-            if part not in parts or parts[part].dtype != torch.int8:
-                raise StoreError(f"level {level!r}: an int8 scale without int8 values; the record is corrupt")
-            parts[part] = dequantize_int8(parts[part], scale, dim=dim)
+            if part not in parts:
+                raise StoreError(f"level {level!r}: an integer scale without values; the record is corrupt")
+            parts[part] = _decode_values(parts[part], scale, dim=dim)
         out[level] = LevelRecord.from_arrays(parts)
     return out

@@ -107,7 +107,7 @@ def test_training_loader_replays_stored_views_with_their_knowledge(tmp_path, tin
     assert {v for _, v in seen} == set(VIEWS)  # the rng draws both stored views
 
 
-@pytest.mark.parametrize("value_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("value_dtype", ["float16", "int8", "int4"])
 def test_nms_ksd_cells_are_peaks_of_the_teacher_features(tmp_path, tiny_source, teacher_ckpt, value_dtype):
     ckpt, teacher = teacher_ckpt
     policy = SelectionPolicy(name="nms-ksd", channel_group=4, top_k=3, value_dtype=value_dtype)
@@ -131,11 +131,12 @@ def test_nms_ksd_cells_are_peaks_of_the_teacher_features(tmp_path, tiny_source, 
                 cells = pooled[:, rec.yx[:, 0].long(), rec.yx[:, 1].long()].T
                 if value_dtype == "float16":
                     assert torch.equal(rec.values, cells.half())
-                else:  # int8 per cell: within half a step (max |x| / 254) plus the float16 rounding
-                    bound = cells.abs().amax(1, keepdim=True) / 254 * 1.01 + cells.abs() * 2**-10
+                else:  # per cell: within half a step (max |x| / 254 or / 14) plus the float16 rounding
+                    half_step = cells.abs().amax(1, keepdim=True) / (254 if value_dtype == "int8" else 14)
+                    bound = half_step * 1.01 + cells.abs() * 2**-10
                     assert ((rec.values.float() - cells).abs() <= bound).all()
     raw = reader.read_arrays(f"{tiny_source.records[0].image_id}/{VIEWS[0].key}")
-    assert raw["p3/v"].dtype == (torch.int8 if value_dtype == "int8" else torch.float16)
+    assert raw["p3/v"].dtype == {"float16": torch.float16, "int8": torch.int8, "int4": torch.uint8}[value_dtype]
     assert raw["p3/j"].dtype == torch.uint8  # 8 x 8 cells: one byte per cell index
 
 

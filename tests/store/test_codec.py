@@ -1,4 +1,4 @@
-"""Record layout: flat cell indices and int8 values round-trip, older (y, x) records still read."""
+"""Record layout: flat cell indices and int8 / int4 values round-trip, older (y, x) records still read."""
 
 import pytest
 import torch
@@ -6,11 +6,13 @@ import torch
 from detkd.errors import ConfigError
 from detkd.store.codec import (
     decode_levels,
-    dequantize_int8,
+    dequantize,
     encode_levels,
     index_dtype,
     layout_dtypes,
-    quantize_int8,
+    pack_int4,
+    quantize_symmetric,
+    unpack_int4,
 )
 from detkd.store.format import LevelRecord, StoreError, decode_record, encode_record
 from detkd.store.select import SelectionPolicy
@@ -36,27 +38,43 @@ def _record(g: torch.Generator) -> dict[str, LevelRecord]:
 
 def test_int8_golden_values():
     x = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [-254.0, 127.0, 1.0, 0.4]])
-    q, scale = quantize_int8(x, dim=-1)
+    q, scale = quantize_symmetric(x, dim=-1)
     # Scales are max|x| / 127 rounded to float16. 2/127 = 0.0157480 lies in [2^-6, 2^-5), where float16
     # steps by 2^-16: 2^-6 + 8 * 2^-16 = 0.0157470703125. Zero vector: 0. 254/127 = 2 exactly.
     assert scale.dtype == torch.float16 and scale.tolist() == [0.0157470703125, 0.0, 2.0]
     # Against the stored scale: 1 -> 63.504 -> 64, -2 -> -127.007 -> clamped -127, 0.5 -> 31.75 -> 32;
     # 127 / 2 = 63.5 and 1 / 2 = 0.5 round half to even: 64 and 0.
     assert q.dtype == torch.int8 and q.tolist() == [[64, -127, 32, 0], [0, 0, 0, 0], [-127, 64, 0, 0]]
-    assert dequantize_int8(q, scale, dim=-1).float().tolist()[2] == [-254.0, 128.0, 0.0, 0.0]
+    assert dequantize(q, scale, dim=-1).float().tolist()[2] == [-254.0, 128.0, 0.0, 0.0]
+
+
+def test_int4_golden_values():
+    x = torch.tensor([[1.0, -2.0, 0.5, 0.0, 0.3, -0.29]])
+    q, scale = quantize_symmetric(x, dim=-1, qmax=7)
+    # 2 / 7 = 0.285714 lies in [2^-2, 2^-1), where float16 steps by 2^-12: 0.25 + 146 * 2^-12 = 0.28564453125.
+    assert scale.tolist() == [0.28564453125]
+    # 1 -> 3.5008 -> 4; -2 -> -7.0018 -> clamped -7; 0.5 -> 1.75 -> 2; 0.3 -> 1.05 -> 1; -0.29 -> -1.015 -> -1.
+    assert q.tolist() == [[4, -7, 2, 0, 1, -1]]
+    # Stored + 8, low nibble first: (4+8) | (-7+8) << 4 = 12 + 16 = 28; (2+8) | 8 << 4 = 138; 9 | 7 << 4 = 121.
+    packed = pack_int4(q, dim=-1)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[28, 138, 121]]
+    assert torch.equal(unpack_int4(packed, dim=-1), q)
 
 
 @pytest.mark.parametrize("dim", [0, -1])
-def test_int8_error_is_at_most_half_a_step(dim):
+@pytest.mark.parametrize("qmax", [127, 7])
+def test_integer_error_is_at_most_half_a_step(dim, qmax):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(64, 48, generator=g) * torch.logspace(-3, 3, 48)).half()
-    q, scale = quantize_int8(x, dim=dim)
-    back = dequantize_int8(q, scale, dim=dim).float()
+    q, scale = quantize_symmetric(x, dim=dim, qmax=qmax)
+    back = dequantize(q, scale, dim=dim).float()
     step = scale.float().unsqueeze(dim)
     # Half a quantisation step, plus the float16 rounding of the product.
     assert ((back - x.float()).abs() <= step / 2 + x.float().abs() * 2**-11 + 1e-12).all()
-    assert (q.abs().amax(dim=dim) == 127).all()  # the largest element of each vector uses the full range
-    assert torch.equal(quantize_int8(-x, dim=dim)[0], -q)  # symmetric
+    assert (q.abs().amax(dim=dim) == qmax).all()  # the largest element of each vector uses the full range
+    assert torch.equal(quantize_symmetric(-x, dim=dim, qmax=qmax)[0], -q)  # symmetric
+    if qmax == 7:
+        assert torch.equal(unpack_int4(pack_int4(q, dim=dim), dim=dim), q)
 
 
 def test_index_dtype_is_the_smallest_that_fits():
@@ -69,12 +87,13 @@ def test_index_dtype_is_the_smallest_that_fits():
     ]
 
 
-@pytest.mark.parametrize("value_dtype", ["float16", "int8"])
+@pytest.mark.parametrize("value_dtype", ["float16", "int8", "int4"])
 def test_levels_round_trip_through_a_record(value_dtype):
     record = _record(torch.Generator().manual_seed(0))
     arrays = encode_levels(record, feature_shapes=SHAPES, value_dtype=value_dtype)
     assert arrays["p3/j"].dtype == torch.uint8 and arrays["big/j"].dtype == torch.int32
-    assert arrays["p3/v"].dtype == (torch.int8 if value_dtype == "int8" else torch.float16)
+    expected = {"float16": torch.float16, "int8": torch.int8, "int4": torch.uint8}[value_dtype]
+    assert arrays["p3/v"].dtype == arrays["p4/d"].dtype == expected
     back = decode_levels(decode_record(encode_record(arrays)), feature_shapes=SHAPES)
     assert sorted(back) == sorted(record)
     for level, rec in record.items():
@@ -90,21 +109,23 @@ def test_levels_round_trip_through_a_record(value_dtype):
             assert torch.equal(got, ref)
         else:
             dim = -1 if rec.values is not None else 0
-            half_step = ref.float().abs().amax(dim=dim, keepdim=True) / 254
+            half_step = ref.float().abs().amax(dim=dim, keepdim=True) / (254 if value_dtype == "int8" else 14)
             assert ((got.float() - ref.float()).abs() <= half_step * 1.01 + 1e-3).all()
 
 
-def test_int8_records_are_about_half_the_bytes():
+def test_integer_records_save_the_value_bytes():
     record = _record(torch.Generator().manual_seed(0))
     sizes = {
         dt: len(encode_record(encode_levels(record, feature_shapes=SHAPES, value_dtype=dt)))
-        for dt in ("float16", "int8")
+        for dt in ("float16", "int8", "int4")
     }
     values = 20 * 32 + 7 * 8 + 8 * 5 * 6  # value elements: one byte saved each
     scales = 2 * (20 + 7 + 5 * 6)  # two bytes of scale per vector
     # One more array header per level: name length, name, dtype, ndim, one byte per dim.
     headers = (1 + len("p3/q") + 2 + 1) + (1 + len("big/q") + 2 + 1) + (1 + len("p4/q") + 2 + 2)
     assert sizes["float16"] - sizes["int8"] == values - scales - headers
+    # int4 saves half a byte more per value; the packed dim's length takes the same bytes in the header.
+    assert sizes["int8"] - sizes["int4"] == values // 2
 
 
 def test_older_yx_records_still_read():
@@ -120,10 +141,12 @@ def test_bad_layouts_are_refused():
         encode_levels({"p3": rec}, feature_shapes=SHAPES)
     with pytest.raises(StoreError, match="no feature shape"):
         encode_levels({"p9": rec}, feature_shapes=SHAPES)
-    with pytest.raises(StoreError, match="int8 scale without int8 values"):
+    with pytest.raises(StoreError, match="integer scale"):
         decode_levels({"p3/v": torch.zeros(1, 4).half(), "p3/q": torch.ones(1).half()}, feature_shapes=SHAPES)
+    with pytest.raises(StoreError, match="even count"):
+        encode_levels({"p3": LevelRecord(values=torch.zeros(1, 3))}, feature_shapes=SHAPES, value_dtype="int4")
     with pytest.raises(ConfigError, match="value_dtype"):
-        encode_levels({}, feature_shapes=SHAPES, value_dtype="int4")
+        encode_levels({}, feature_shapes=SHAPES, value_dtype="int2")
     with pytest.raises(ConfigError, match="value_dtype"):
         SelectionPolicy(value_dtype="bfloat16")
-    assert layout_dtypes("int8")["values"].startswith("int8")
+    assert layout_dtypes("int8")["values"].startswith("int8") and layout_dtypes("int4")["dense"].startswith("int4")
