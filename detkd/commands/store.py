@@ -27,8 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--value-dtype",
         choices=["float16", "int8", "int4"],
-        default="float16",
-        help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes)",
+        default=None,
+        help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes); "
+        "default int4 for nms-ksd / detections, float16 for dense",
     )
     b.add_argument("--views", choices=["both", "noflip"], default="both", help="store both flips (default)")
     b.add_argument(

@@ -132,6 +132,12 @@ def build_store(
                 "--importance (stored GKD) needs --policy dense and --channel-group 1: GKD imitates whole, "
                 "full-width maps"
             )
+    odd = [lv for lv, c in teacher.channels.items() if (c // policy.channel_group) % 2]
+    if policy.value_dtype == "int4" and odd:
+        raise StoreError(
+            f"int4 values pack two channels per byte, but level(s) {odd} keep an odd number of channels after "
+            f"channel_group {policy.channel_group}; choose another channel_group or --value-dtype int8"
+        )
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     manifest = Manifest(
         teacher_hash=file_sha256(teacher_checkpoint),

@@ -53,7 +53,8 @@ class StoreReader:
 
     @property
     def policy(self) -> SelectionPolicy:
-        return SelectionPolicy.from_dict(self.manifest.policy)
+        # Stores written before value_dtype existed hold float16 values.
+        return SelectionPolicy.from_dict({"value_dtype": "float16", **self.manifest.policy})
 
     @property
     def channel_group(self) -> int:

@@ -23,7 +23,7 @@ STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 SHAPES = {"p3": (16, 16), "p4": (8, 8), "p5": (4, 4)}  # a 128 px canvas
 CHANNELS = 16
 VIEWS = [View(128), View(128, flip=True)]
-POLICY = SelectionPolicy(per_level={"p5": "dense"}, top_k={"p3": 6, "p4": 3}, channel_group=4)
+POLICY = SelectionPolicy(per_level={"p5": "dense"}, top_k={"p3": 6, "p4": 3}, channel_group=4, value_dtype="float16")
 
 
 def make_manifest(**overrides) -> Manifest:
@@ -336,3 +336,12 @@ def test_mirror_levels():
     assert out["p5"].extras["gi"].tolist() == [[[2.0, 1.0, 0.0], [5.0, 4.0, 3.0]]]
     assert out["p5"].extras["gc"].tolist() == [1.0, 2.0, 3.0]
     assert rec["p3"].yx.tolist() == [[1, 0], [2, 5]]  # input untouched
+
+
+def test_value_dtype_defaults_and_older_stores(tmp_path):
+    assert SelectionPolicy().value_dtype == "int4" and SelectionPolicy(name="detections").value_dtype == "int4"
+    assert SelectionPolicy(name="dense").value_dtype == "float16"
+    # A manifest written before value_dtype existed: its values are float16, whatever today's default.
+    legacy = {k: v for k, v in POLICY.to_dict().items() if k != "value_dtype"}
+    StoreWriter(tmp_path, make_manifest(policy=legacy)).close()
+    assert StoreReader(tmp_path).policy.value_dtype == "float16"
