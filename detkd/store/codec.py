@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from detkd.errors import ConfigError
-from detkd.store.format import DEFAULT_DTYPES, LevelRecord, StoreError
+from detkd.store.format import DEFAULT_DTYPES, LevelRecord, StoreError, group_by_level
 
 VALUE_DTYPES = ("float16", "int8", "int4")
 _QMAX = {"int8": 127, "int4": 7}
@@ -141,14 +141,8 @@ def decode_levels(
     arrays: dict[str, Tensor], *, feature_shapes: dict[str, list[int] | tuple[int, int]]
 ) -> dict[str, LevelRecord]:
     """Inverse of ``encode_levels`` (and reads the (y, x) layout of older stores)."""
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for name, array in arrays.items():
-        level, sep, part = name.rpartition("/")
-        if not sep:
-            raise StoreError(f"record array {name!r} has no level prefix")
-        grouped.setdefault(level, {})[part] = array
     out: dict[str, LevelRecord] = {}
-    for level, parts in grouped.items():
+    for level, parts in group_by_level(arrays).items():
         if "j" in parts:
             if level not in feature_shapes:
                 raise StoreError(f"level {level!r} has no feature shape in the manifest: cannot place its cells")

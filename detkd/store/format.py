@@ -148,14 +148,19 @@ def flatten_record(levels: dict[str, LevelRecord]) -> dict[str, Tensor]:
     return {f"{level}/{part}": array for level, rec in levels.items() for part, array in rec.arrays().items()}
 
 
-def unflatten_record(arrays: dict[str, Tensor]) -> dict[str, LevelRecord]:
+def group_by_level(arrays: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """{"<level>/<part>": array} -> {level: {part: array}}."""
     parts: dict[str, dict[str, Tensor]] = {}
     for name, array in arrays.items():
         level, sep, part = name.rpartition("/")
         if not sep:
             raise StoreError(f"record array {name!r} has no level prefix")
         parts.setdefault(level, {})[part] = array
-    return {level: LevelRecord.from_arrays(p) for level, p in parts.items()}
+    return parts
+
+
+def unflatten_record(arrays: dict[str, Tensor]) -> dict[str, LevelRecord]:
+    return {level: LevelRecord.from_arrays(p) for level, p in group_by_level(arrays).items()}
 
 
 def _varint(n: int) -> bytes:
