@@ -113,6 +113,26 @@ def test_levels_round_trip_through_a_record(value_dtype):
             assert ((got.float() - ref.float()).abs() <= half_step * 1.01 + 1e-3).all()
 
 
+@pytest.mark.parametrize("value_dtype", ["int8", "int4"])
+def test_levels_encoded_together_equal_each_level_alone(value_dtype):
+    record = _record(torch.Generator().manual_seed(3))
+    record["p4"] = LevelRecord(yx=record["p3"].yx[:4] % 8, values=record["p3"].values[4:8] * 7)  # width of p3
+    together = encode_levels(record, feature_shapes=SHAPES, value_dtype=value_dtype)
+    for level, rec in record.items():
+        alone = encode_levels({level: rec}, feature_shapes=SHAPES, value_dtype=value_dtype)
+        assert sorted(alone) == sorted(k for k in together if k.startswith(f"{level}/"))
+        assert all(torch.equal(alone[k], together[k]) for k in alone)
+    back = decode_levels(together, feature_shapes=SHAPES)
+    for level in record:
+        alone = decode_levels({k: v for k, v in together.items() if k.startswith(f"{level}/")}, feature_shapes=SHAPES)[
+            level
+        ]
+        assert torch.equal(
+            back[level].values if alone.values is not None else back[level].dense,
+            alone.values if alone.values is not None else alone.dense,
+        )
+
+
 def test_integer_records_save_the_value_bytes():
     record = _record(torch.Generator().manual_seed(0))
     sizes = {
