@@ -18,6 +18,7 @@ cell's rounding error is at most half a step: 1/254 (int8) or 1/14 (int4) of its
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,6 +27,9 @@ from detkd.store.format import DEFAULT_DTYPES, LevelRecord, StoreError, group_by
 
 VALUE_DTYPES = ("float16", "int8", "int4")
 _QMAX = {"int8": 127, "int4": 7}
+
+
+_NUMPY = {torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32}
 
 
 def index_dtype(num_cells: int) -> torch.dtype:
@@ -139,12 +143,12 @@ def encode_levels(
             raise StoreError(f"level {level!r}: a record holds cell values or a dense map, not both")
         h, w = (int(v) for v in feature_shapes[level])
         parts = rec.arrays()  # checks the extras' names
-        if "i" in parts:
-            yx = parts.pop("i").long()
+        if "i" in parts:  # numpy: a few cells per level, where torch's per-op overhead dominated
+            yx = parts.pop("i").numpy().astype(np.int64)
             outside = (yx[:, 0] < 0) | (yx[:, 0] >= h) | (yx[:, 1] < 0) | (yx[:, 1] >= w)
             if outside.any():
                 raise StoreError(f"level {level!r}: cell {yx[outside][0].tolist()} lies outside its {h} x {w} map")
-            parts["j"] = (yx[:, 0] * w + yx[:, 1]).to(index_dtype(h * w))
+            parts["j"] = torch.from_numpy((yx[:, 0] * w + yx[:, 1]).astype(_NUMPY[index_dtype(h * w)]))
         if "d" in parts:
             parts["d"], scale = _encode_values(parts["d"], dim=0, value_dtype=value_dtype)
             if scale is not None:
@@ -170,8 +174,8 @@ def decode_levels(
             if level not in feature_shapes:
                 raise StoreError(f"level {level!r} has no feature shape in the manifest: cannot place its cells")
             w = int(feature_shapes[level][1])
-            j = parts.pop("j").long()
-            parts["i"] = torch.stack([j // w, j % w], dim=1).to(torch.int16)
+            j = parts.pop("j").numpy().astype(np.int64)
+            parts["i"] = torch.from_numpy(np.stack([j // w, j % w], axis=1).astype(np.int16))
         if "q" in parts and "v" not in parts and "d" not in parts:
             raise StoreError(f"level {level!r}: an integer scale without values; the record is corrupt")
         if "q" in parts and "d" in parts:

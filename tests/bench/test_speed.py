@@ -3,6 +3,7 @@ consistent with the store it measured (the numbers themselves belong in README, 
 
 import json
 import math
+import statistics
 
 from detkd.bench.speed import SpeedScale, format_results, run_speed, write_results
 from detkd.models.builders import DetectorSpec
@@ -12,7 +13,7 @@ from detkd.store.reader import store_info
 def test_run_speed_reports_every_ratio(tmp_path):
     student = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=16, head_convs=1)
     teacher = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=32, head_convs=1)
-    scale = SpeedScale(images=8, size=64, batch_size=4, rounds=1, steps_per_round=1, student=student, teacher=teacher)
+    scale = SpeedScale(images=16, size=64, batch_size=4, rounds=2, steps_per_round=1, student=student, teacher=teacher)
     r = run_speed(out_dir=tmp_path / "bench", scale=scale, workers=0)
 
     for key in (
@@ -29,11 +30,16 @@ def test_run_speed_reports_every_ratio(tmp_path):
     med = r["step_seconds_median"]
     assert math.isclose(r["stored_over_student_step_ratio"], med["stored"] / med["student"])
     assert all(len(v) == scale.rounds * scale.steps_per_round for v in r["step_seconds_all"].values())
-    # The size figures are the store's own: 8 images x 2 flips, bytes / dense fp16 bytes.
+    # The size figures are the store's own: 16 images x 2 flips, bytes / dense fp16 bytes.
     info = store_info(tmp_path / "bench" / "store")
-    assert info["records"] == 16
+    assert info["records"] == 32
     assert r["nmsksd_over_dense_size_ratio"] == info["ratio_to_dense"] < 1
     assert r["store_bytes_per_image_view"] == info["bytes_per_image_view"]
+    # Throughput ratios are medians of per-round ratios, each round inference then a fresh build.
+    rounds = r["throughput_rounds_image_views_per_s"]
+    assert all(len(v) == scale.rounds for v in rounds.values())
+    per_round = [b / i for b, i in zip(rounds["build"], rounds["inference"], strict=True)]
+    assert math.isclose(r["build_over_teacher_inference_throughput_ratio"], statistics.median(per_round))
     # The whole call includes checkpoint loading and setup, so it is never faster than its loop.
     assert r["store_build_call_image_views_per_s"] <= r["store_build_image_views_per_s"]
 
