@@ -117,15 +117,14 @@ def peaks_from_saliency_batch(
         keep &= (centre - lo) >= threshold * (hi - lo)
     else:
         keep &= centre >= threshold
-    out = []
-    for i in range(n):
-        empty = top_k[i] == 0 or int(vh[i]) <= 0 or int(vw[i]) <= 0
-        index = centre.new_zeros((0,), dtype=torch.int64) if empty else keep[i].nonzero().squeeze(1)
-        score = centre[i, index]
-        order = torch.sort(score, descending=True, stable=True).indices[: top_k[i]]
-        index, score = index[order], score[order]
-        out.append((torch.stack([index // w, index % w], dim=1), score))
-    return out
+    # One stable sort for the whole batch: kept cells first by score, ties by row-major index (the
+    # sort is stable over the index order); each map then takes its first min(kept, top_k) cells.
+    score, index = torch.sort(centre.masked_fill(~keep, -math.inf), dim=1, descending=True, stable=True)
+    kept = keep.sum(dim=1)
+    limit = torch.tensor([h * w if k is None else int(k) for k in top_k], device=saliency.device)
+    counts = torch.minimum(kept, limit).tolist()
+    yx = torch.stack([index // w, index % w], dim=2)
+    return [(yx[i, :c], score[i, :c]) for i, c in enumerate(counts)]
 
 
 def select_peaks(
@@ -395,11 +394,12 @@ class SelectionPolicy:
             owner = torch.repeat_interleave(torch.arange(n, device=f.device), torch.tensor(counts, device=f.device))
             yx = torch.cat([yx for yx, _ in picks])
             values = compress_channels(f[owner, :, yx[:, 0], yx[:, 1]], self.channel_group, dim=1)
+            # Cast and copy to the CPU once per level; records get contiguous splits of one batch tensor.
             values = values.half().cpu().split(counts)
-            for i, (cells, score) in enumerate(picks):
-                out[i][level] = LevelRecord(
-                    yx=cells.to(torch.int16).cpu(), values=values[i].contiguous(), score=score.half().cpu()
-                )
+            cells = yx.to(torch.int16).cpu().split(counts)
+            scores = torch.cat([score for _, score in picks]).half().cpu().split(counts)
+            for i in range(n):
+                out[i][level] = LevelRecord(yx=cells[i], values=values[i], score=scores[i])
         return out
 
 
