@@ -3,14 +3,12 @@
 from detkd.store.format import (
     FORMAT_VERSION,
     LevelRecord,
-    Manifest,
     StoreError,
     decode_record,
     encode_record,
-    file_sha256,
-    fingerprint,
     record_key,
 )
+from detkd.store.manifest import Manifest, file_sha256, fingerprint
 from detkd.store.reader import StoreReader, VerifyReport, collate_knowledge, mirror_levels, store_info, verify_store
 from detkd.store.select import (
     SelectionPolicy,

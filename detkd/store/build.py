@@ -31,7 +31,8 @@ from detkd.data.views import View, ViewPolicy
 from detkd.models.checkpoint import file_sha256, load_detector
 from detkd.models.detector import Detector
 from detkd.store.codec import layout_dtypes
-from detkd.store.format import LevelRecord, Manifest, StoreError
+from detkd.store.format import LevelRecord, StoreError
+from detkd.store.manifest import Manifest
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import StoreWriter, shard_indices
 

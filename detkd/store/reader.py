@@ -20,13 +20,13 @@ from detkd.store.codec import decode_levels
 from detkd.store.format import (
     RECORDS,
     LevelRecord,
-    Manifest,
     StoreError,
     decode_record,
     parse_key,
     record_key,
 )
 from detkd.store.lmdb_env import iter_items, open_readonly
+from detkd.store.manifest import Manifest
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import combine_extras, shard_problems, shard_status
 

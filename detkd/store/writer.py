@@ -20,18 +20,9 @@ from pathlib import Path
 
 from detkd.data.views import View
 from detkd.store.codec import encode_levels
-from detkd.store.format import (
-    MANIFEST,
-    RECORDS,
-    LevelRecord,
-    Manifest,
-    StoreError,
-    encode_record,
-    parse_key,
-    record_key,
-    write_json_atomic,
-)
+from detkd.store.format import RECORDS, LevelRecord, StoreError, encode_record, parse_key, record_key
 from detkd.store.lmdb_env import INITIAL_MAP_SIZE, WritableEnv, iter_items, open_readonly, release
+from detkd.store.manifest import MANIFEST, Manifest, write_json_atomic
 
 
 def shard_name(shard: int) -> str:

@@ -10,16 +10,15 @@ from detkd.data.views import View
 from detkd.store.format import (
     FORMAT_VERSION,
     LevelRecord,
-    Manifest,
     StoreError,
     decode_record,
     encode_record,
-    fingerprint,
     flatten_record,
     parse_key,
     record_key,
     unflatten_record,
 )
+from detkd.store.manifest import Manifest, fingerprint
 
 
 def _arrays():
