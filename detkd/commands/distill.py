@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
 
 
@@ -39,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def expand_shorthands(items: list[str]) -> list[str]:
     """Turn method=/teacher=/inherit=/args.M.K= into recipe overrides."""
-    from detkd.config import ConfigError
+    from detkd.config import ConfigError, parse_value
 
     out, methods, args = [], [], {}
     for item in items:
@@ -47,7 +48,9 @@ def expand_shorthands(items: list[str]) -> list[str]:
         if key == "method":
             for part in value.split("+"):
                 name, _, weight = part.partition(":")
-                methods.append({"name": name.strip(), "weight": float(weight) if weight else 1.0})
+                if not name.strip():
+                    raise ConfigError(f"{item!r}: a method name is missing (method=NAME[:WEIGHT][+NAME[:WEIGHT]...])")
+                methods.append({"name": name.strip(), "weight": method_weight(weight, item=item)})
         elif key in ("teacher", "inherit", "levels"):
             out.append(f"distill.{key}={value}")
         elif key.startswith("args."):
@@ -61,13 +64,28 @@ def expand_shorthands(items: list[str]) -> list[str]:
         import yaml
 
         for m in methods:
-            m["args"] = {k: yaml.safe_load(v) for k, v in args.pop(m["name"], [])}
+            m["args"] = {k: parse_value(v, what=f"args.{m['name']}.{k}={v}") for k, v in args.pop(m["name"], [])}
         if args:
             raise ConfigError(f"arguments given for methods not selected: {sorted(args)}")
         out.append("distill.methods=" + yaml.safe_dump(methods, default_flow_style=True).strip())
     elif args:
         raise ConfigError("args.METHOD.KEY=VALUE needs method=METHOD on the same command line")
     return out
+
+
+def method_weight(text: str, *, item: str) -> float:
+    """The WEIGHT of ``method=NAME:WEIGHT``: a finite number >= 0 (1 when omitted)."""
+    from detkd.config import ConfigError
+
+    if not text.strip():
+        return 1.0
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = math.nan
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"{item!r}: method weight {text!r} is not a finite number >= 0")
+    return weight
 
 
 def run_distill(args: argparse.Namespace) -> int:
