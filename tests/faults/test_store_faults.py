@@ -276,6 +276,17 @@ def test_a_second_build_into_the_same_directory_is_refused_at_once(world, tmp_pa
     assert rc == 0 and "complete" in text and verify_store(out).ok
 
 
+def test_shards_of_one_build_share_the_directory_but_exclude_a_single_build(tmp_path):
+    shard0 = BuildLock(tmp_path, shard=0).acquire()
+    shard1 = BuildLock(tmp_path, shard=1).acquire()  # shards of one build run in parallel
+    for lock in (BuildLock(tmp_path), BuildLock(tmp_path, shard=0)):
+        with pytest.raises(StoreError, match=rf"another build is writing this store \(pid {os.getpid()}\)"):
+            lock.acquire()
+    shard0.release()
+    shard1.release()
+    BuildLock(tmp_path).acquire().release()
+
+
 # 5. Disk full / permission errors during a build --------------------------------------------------------
 
 
@@ -361,6 +372,20 @@ def test_a_weak_teacher_is_recorded_and_flagged_at_build_and_at_run(world, tmp_p
     with caplog.at_level(logging.WARNING):
         distill(load_recipe(None, recipe), progress=False, stop_after=1)
     assert "!!! the teacher's AP is 0.0010 (recorded in the store): is it trained" in caplog.text
+
+
+def test_the_online_path_warns_in_the_same_words(tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from detkd.config import load_recipe
+    from detkd.distill import run
+
+    monkeypatch.setattr(run, "measure_teacher_ap", lambda *a, **k: (0.001, 0.002))
+    recipe = load_recipe(None, {"data": {"root": str(tmp_path)}, "distill": {"expected_student_ap": 0.3}})
+    with caplog.at_level(logging.WARNING):
+        assert run.check_teacher(None, SimpleNamespace(val_source=None, policy=None), recipe, "cpu") == 0.001
+    assert "!!! the teacher's AP is 0.0010: is it trained, and is this the right checkpoint?" in caplog.text
+    assert "!!! teacher AP 0.0010 is not clearly better than the student's expected 0.3000" in caplog.text
 
 
 def test_check_teacher_measures_an_unknown_teacher_ap_at_build(world, tmp_path):
