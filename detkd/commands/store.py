@@ -49,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Grad-CAM form of the stored maps: signed (paper) or abs (released GKD code)",
     )
     b.add_argument("--teacher-ap", type=float, default=None, help="record this teacher AP (default: the checkpoint's)")
+    b.add_argument(
+        "--check-teacher",
+        action="store_true",
+        help="when the checkpoint records no AP, measure it on --val-split first (one evaluation pass)",
+    )
+    b.add_argument("--val-split", default="val", help="split --check-teacher evaluates on")
     b.add_argument("--shard", type=int, default=None, help="build shard i of --num-shards (one process each)")
     b.add_argument("--num-shards", type=int, default=None)
     b.add_argument("--batch-size", type=int, default=8)
@@ -68,6 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     v = ssub.add_parser("verify", help="re-read every record and check its checksum and the manifest counts")
     v.add_argument("store")
+    v.add_argument("--allow-gaps", action="store_true", help="accept image views the build skipped (unreadable images)")
     v.set_defaults(func=run_verify)
 
 
@@ -96,6 +103,9 @@ def run_build(args: argparse.Namespace) -> int:
     )
     source = open_source(args.data, format=args.format, split=args.split)
     views = ViewPolicy(sizes=tuple(args.size), flip_prob=0.5 if args.views == "both" else 0.0)
+    val = None
+    if args.check_teacher and args.teacher_ap is None:
+        val = open_source(args.data, format=args.format, split=args.val_split)
     manifest = build_store(
         teacher_checkpoint=args.teacher,
         source=source,
@@ -111,6 +121,7 @@ def run_build(args: argparse.Namespace) -> int:
         importance_mode={"channel_mode": args.importance_mode, "activation_mode": args.importance_mode},
         mirror_flips=args.mirror_flips,
         teacher_ap=args.teacher_ap,
+        check_teacher_on=val,
         progress=not args.no_progress,
         device=resolve_device(args.device),
     )
@@ -154,17 +165,20 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from detkd.store.reader import store_info
+    from detkd.store.verify import store_info
 
     info = store_info(args.store)
     build = info["extra"]
-    print(
-        f"store {info['path']} (format v{info['format_version']}, {'complete' if info['complete'] else 'INCOMPLETE'})"
-    )
+    state = "DAMAGED" if info["damaged"] else "complete" if info["complete"] else "INCOMPLETE"
+    gaps = f", {len(info['gaps'])} skipped image-view(s)" if info["gaps"] else ""
+    print(f"store {info['path']} (format v{info['format_version']}, {state}{gaps})")
+    if info["damaged"]:
+        print(f"  DAMAGED: {info['damaged']}")
     print(
         f"  teacher sha256 {info['teacher_hash'][:16]}...  {info['architecture'].get('family')}/"
         f"{info['architecture'].get('backbone')} FPN-{info['architecture'].get('fpn_channels')}"
         + (f", AP {build['teacher_ap']:.4f}" if build.get("teacher_ap") is not None else "")
+        + (" (WEAK TEACHER: distilling from it will not help)" if _weak(build.get("teacher_ap")) else "")
     )
     print(
         f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "
@@ -198,12 +212,25 @@ def run_info(args: argparse.Namespace) -> int:
             f"{build['image_views_per_second']:.1f}/s"
             + (f" by {build['shards']} shards" if "shards" in build else f" over {build.get('runs', 1)} run(s)")
         )
-    return 0
+    if info["gaps"]:
+        from detkd.store.verify import gap_lines
+
+        print(f"  gaps: {len(info['gaps'])} image-view(s) skipped by the build (rerun it to retry them):")
+        for line in gap_lines(info["gaps"]):
+            print(f"    {line}")
+    # A damaged store is not usable: say so in the exit status too (verify's failure code).
+    return 1 if info["damaged"] else 0
+
+
+def _weak(ap: float | None) -> bool:
+    from detkd.engine.teacher_ap import WEAK_TEACHER_AP
+
+    return ap is not None and not ap >= WEAK_TEACHER_AP
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from detkd.store.reader import verify_store
+    from detkd.store.verify import verify_store
 
-    report = verify_store(args.store)
+    report = verify_store(args.store, allow_gaps=args.allow_gaps)
     print(report.summary())
     return 0 if report.ok else 1

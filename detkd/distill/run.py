@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from detkd.config import Recipe
-from detkd.data.loader import ViewedDataset, build_loader
+from detkd.data.loader import ViewedDataset
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher, warn_if_weak_teacher
-from detkd.engine.inference import evaluate
+from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher
+from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
 from detkd.errors import ConfigError, DetkdError
 from detkd.models.checkpoint import file_sha256, load_detector
 from detkd.runner import (
@@ -46,6 +46,10 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             raise ConfigError(f"unknown distillation method {m.name!r}; available: {', '.join(METHODS.names())}")
     if not Path(cfg.teacher).exists():
         raise ConfigError(f"{cfg.teacher}: teacher checkpoint or store not found")
+    if Path(cfg.teacher).is_dir() and not is_store(cfg.teacher):
+        from detkd.store.manifest import not_a_store
+
+        raise ConfigError(f"distill.teacher={not_a_store(cfg.teacher)}")
     if cfg.online_selection and is_store(cfg.teacher):
         raise ConfigError("distill.online_selection selects from a live teacher; a store has already selected")
     rank, world, local = distributed_context()
@@ -60,7 +64,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     train_dataset = None
     if is_store(cfg.teacher):
         from detkd.store.reader import StoreReader
-        from detkd.store.replay import check_store_for_run, providers
+        from detkd.store.replay import check_store_for_run, providers, without_unstored
 
         reader = StoreReader(cfg.teacher)
         check_store_for_run(
@@ -68,8 +72,9 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
         )
         teacher = StoredTeacher(reader)
         view_provider, knowledge_provider = providers(reader, bundle.train_source, bundle.policy)
+        train_source, left_out = without_unstored(reader, bundle.train_source, bundle.policy)
         train_dataset = ViewedDataset(
-            bundle.train_source,
+            train_source,
             bundle.policy,
             train=True,
             seed=recipe.train.seed,
@@ -83,9 +88,19 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             teacher_hash=reader.manifest.teacher_hash,
             inherit=False,
             teacher_ap=reader.extra.get("teacher_ap"),
+            left_out_unstored=left_out,
         )
         if run_info["teacher_ap"] is not None:
             log.info("stored teacher's AP (measured at build time): %.4f", run_info["teacher_ap"])
+        if cfg.check_teacher and rank == 0:
+            if run_info["teacher_ap"] is None:
+                log.warning("%s records no teacher AP: the weak-teacher check was skipped", cfg.teacher)
+            warn_if_weak_teacher(
+                run_info["teacher_ap"],
+                where="recorded in the store",
+                expected_student_ap=cfg.expected_student_ap,
+                min_gain=cfg.min_teacher_gain,
+            )
     else:
         teacher_det, payload = load_detector(cfg.teacher, spec=cfg.teacher_model)
         names = payload.get("class_names")
@@ -148,19 +163,16 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
 def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
     """Evaluate the teacher on the validation split and warn loudly when it is weak."""
     cfg = recipe.distill
-    loader = build_loader(
-        ViewedDataset(bundle.val_source, bundle.policy, train=False),
+    ap, ap50 = measure_teacher_ap(
+        teacher,
+        bundle.val_source,
+        bundle.policy,
         batch_size=recipe.data.batch_size,
-        shuffle=False,
         workers=recipe.data.workers,
+        device=device,
     )
-    result = evaluate(teacher, loader, bundle.val_source, device=device, progress=False)
-    log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, result.AP, result.AP50)
+    log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, ap, ap50)
     warn_if_weak_teacher(
-        result.AP,
-        where=str(cfg.teacher),
-        expected_student_ap=cfg.expected_student_ap,
-        min_gain=cfg.min_teacher_gain,
-        logger=log,
+        ap, where=str(cfg.teacher), expected_student_ap=cfg.expected_student_ap, min_gain=cfg.min_teacher_gain
     )
-    return result.AP
+    return ap

@@ -9,7 +9,7 @@ from detkd.store.format import (
     record_key,
 )
 from detkd.store.manifest import Manifest, file_sha256, fingerprint
-from detkd.store.reader import StoreReader, VerifyReport, collate_knowledge, mirror_levels, store_info, verify_store
+from detkd.store.reader import StoreReader, collate_knowledge, mirror_levels
 from detkd.store.select import (
     SelectionPolicy,
     compress_channels,
@@ -17,6 +17,7 @@ from detkd.store.select import (
     select_from_detections,
     select_peaks,
 )
+from detkd.store.verify import VerifyReport, store_info, verify_store
 from detkd.store.writer import StoreWriter, merge_shards, shard_indices
 
 __all__ = [

@@ -7,6 +7,9 @@ batch composition matches; conv kernels may round differently across batch sizes
 
 Restart: records are committed in small LMDB transactions and the build skips every (image, view)
 already in the store, so a killed build rerun with the same arguments continues where it stopped.
+Skipped images: an image the loader cannot read is skipped and recorded in the manifest's ``gaps``
+(a rerun retries it). Content: each image file is hashed while the image is read (``content``).
+Exclusive: the build holds the directory's lock (``lock``) from before the teacher is loaded.
 Sharding: process i of n builds the images ``shard_indices(len(source), shard=i, num_shards=n)``
 into its own shard; ``merge_shards`` joins them. Mirroring: with ``mirror_flips`` only unflipped
 views are built and training serves flipped views by mirroring the cells (``mirror_levels``).
@@ -28,10 +31,14 @@ from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, Collate, ViewedDataset
 from detkd.data.sample import Record
 from detkd.data.views import View, ViewPolicy
+from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
+from detkd.errors import DataError
 from detkd.models.checkpoint import file_sha256, load_detector
 from detkd.models.detector import Detector
 from detkd.store.codec import layout_dtypes
+from detkd.store.content import content_digest
 from detkd.store.format import LevelRecord, StoreError
+from detkd.store.lock import BuildLock
 from detkd.store.manifest import Manifest
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import StoreWriter, shard_indices
@@ -53,8 +60,19 @@ class FixedView:
         return self.view
 
 
+@dataclass(frozen=True)
+class _Read:
+    """What reading one (image, view) pair found out besides the sample: its file's digest, or why it failed."""
+
+    index: int
+    view: View
+    digest: str | None
+    error: str | None
+
+
 class _PairDataset(Dataset):
-    """(image index, view) pairs through the training pipeline, one ViewedDataset per view."""
+    """(image index, view) pairs through the training pipeline, one ViewedDataset per view; each item
+    comes with a ``_Read`` (the file is hashed here, in the worker that reads the image anyway)."""
 
     def __init__(self, source: DetectionSource, pairs: list[tuple[int, View]], views: list[View]) -> None:
         self.pairs = pairs
@@ -68,7 +86,27 @@ class _PairDataset(Dataset):
 
     def __getitem__(self, i: int):
         index, view = self.pairs[i]
-        return self.datasets[view][index]
+        source = self.datasets[view].source
+        digest = content_digest(source.records[index].file)  # the file is in the page cache for the decode
+        item = self.datasets[view][index]
+        error = None
+        if item is None:  # ViewedDataset logged and skipped it; ask once more for the reason to record
+            try:
+                source.load(index)
+                error = "could not be read"
+            except DataError as exc:
+                error = str(exc)
+        return item, _Read(index, view, digest, error)
+
+
+@dataclass(frozen=True)
+class _PairCollate:
+    """The training Collate for the samples, plus their ``_Read``s."""
+
+    collate: Collate
+
+    def __call__(self, items: list) -> tuple[Batch, list[_Read]]:
+        return self.collate([item for item, _ in items]), [read for _, read in items]
 
 
 def preprocessing_of(detector: Detector, *, canvas: int, views: list[View]) -> dict:
@@ -99,6 +137,7 @@ def build_store(
     mirror_flips: bool = False,
     progress: bool = True,
     teacher_ap: float | None = None,
+    check_teacher_on: DetectionSource | None = None,
     device: str | torch.device = "cpu",
 ) -> Manifest:
     """Run the teacher over every (image, view) of ``source`` not yet in ``out_dir`` and store its selection.
@@ -106,10 +145,57 @@ def build_store(
     ``views`` defaults to both flips at the canvas size. ``with_importance`` also stores GKD's
     gradient-importance map ([1, h, w] fp16, key "gi") and channel weights ([C] fp32, "gc") per
     level (dense policy, channel_group 1), computed with ``importance_mode`` (``importance_maps``
-    keyword arguments). ``teacher_ap`` defaults to the AP recorded in the checkpoint's metrics.
+    keyword arguments). ``teacher_ap`` defaults to the AP recorded in the checkpoint's metrics; with
+    neither, ``check_teacher_on`` (a validation split) measures it before the build (one evaluation
+    pass of the teacher over that split). A weak teacher AP is warned about loudly and recorded.
     Returns the manifest as saved (counts of this shard's writer in sharded mode).
+    Raises StoreError at once if another build is writing ``out_dir``.
     """
     out_dir = Path(out_dir)
+    with BuildLock(out_dir, shard=shard) as lock:  # before the teacher loads: a second build is refused at once
+        return _build_locked(
+            lock,
+            teacher_checkpoint=teacher_checkpoint,
+            source=source,
+            policy=policy,
+            views=views,
+            canvas=canvas,
+            out_dir=out_dir,
+            batch_size=batch_size,
+            workers=workers,
+            shard=shard,
+            num_shards=num_shards,
+            with_importance=with_importance,
+            importance_mode=importance_mode,
+            mirror_flips=mirror_flips,
+            progress=progress,
+            teacher_ap=teacher_ap,
+            check_teacher_on=check_teacher_on,
+            device=device,
+        )
+
+
+def _build_locked(
+    lock: BuildLock,
+    *,
+    teacher_checkpoint: str | Path,
+    source: DetectionSource,
+    policy: SelectionPolicy,
+    views: list[View] | None,
+    canvas: int,
+    out_dir: Path,
+    batch_size: int,
+    workers: int,
+    shard: int | None,
+    num_shards: int | None,
+    with_importance: bool,
+    importance_mode: dict | None,
+    mirror_flips: bool,
+    progress: bool,
+    teacher_ap: float | None,
+    check_teacher_on: DetectionSource | None,
+    device: str | torch.device,
+) -> Manifest:
     teacher, payload = load_detector(teacher_checkpoint)
     teacher.eval().requires_grad_(False).to(device)
     names = payload.get("class_names")
@@ -158,10 +244,9 @@ def build_store(
         dataset_fingerprint=source.fingerprint(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    if teacher_ap is None:
-        teacher_ap = (payload.get("metrics") or {}).get("AP")
+    teacher_ap, ap_source = _teacher_ap(teacher, payload, teacher_ap, check_teacher_on, canvas, batch_size, device)
     indices = range(len(source)) if shard is None else shard_indices(len(source), shard=shard, num_shards=num_shards)
-    with StoreWriter(out_dir, manifest, shard=shard, num_shards=num_shards) as writer:
+    with StoreWriter(out_dir, manifest, shard=shard, num_shards=num_shards, lock=lock) as writer:
         todo = [(i, v) for i in indices for v in stored_views if not writer.has(source.records[i].image_id, v)]
         total = len(indices) * len(stored_views)
         if total > len(todo):
@@ -171,7 +256,7 @@ def build_store(
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
-            collate_fn=Collate(canvas),
+            collate_fn=_PairCollate(Collate(canvas)),
         )
         t0 = time.perf_counter()
         skipped = 0
@@ -183,20 +268,33 @@ def build_store(
             disable=not progress,
             dynamic_ncols=True,
         ) as bar:
-            for batch in loader:
+            for batch, reads in loader:
+                for read in reads:
+                    record = source.records[read.index]
+                    if read.error is None and read.digest is not None:  # a skipped image's bytes say nothing
+                        writer.set_content(record.image_id, read.digest)
+                    if read.error is not None:
+                        writer.record_gap(record.image_id, read.view, file=str(record.file), reason=read.error)
                 if len(batch):
                     for image_id, view, record in select_batch(teacher, batch.to(device), policy, importance):
                         writer.write(image_id, view, record)
                 skipped += batch.skipped
                 bar.update(len(batch) + batch.skipped)
         seconds = time.perf_counter() - t0
+        _hash_unhashed(writer, source, indices)
         if skipped:
-            log.warning("%d image-views skipped (unreadable images, see above); rerun to retry them", skipped)
+            log.warning(
+                "%d image-views skipped (unreadable images, see above): recorded as gaps in the manifest; "
+                "rerun the build to retry them",
+                skipped,
+            )
         built = len(todo) - skipped
         extra = writer.extra
+        if teacher_ap is not None:
+            extra.update(teacher_ap=teacher_ap, teacher_ap_source=ap_source)
         extra.update(
             teacher_checkpoint=str(teacher_checkpoint),
-            teacher_ap=teacher_ap if teacher_ap is not None else extra.get("teacher_ap"),
+            teacher_ap=extra.get("teacher_ap"),
             seconds=extra.get("seconds", 0.0) + seconds,
             built=extra.get("built", 0) + built,
             runs=extra.get("runs", 0) + 1,
@@ -207,6 +305,40 @@ def build_store(
     result = Manifest.from_dict(writer.manifest.to_dict())
     result.counts, result.extra = writer.counts, dict(writer.extra)  # a shard's own (the manifest's wait for merge)
     return result
+
+
+def _teacher_ap(
+    teacher: Detector, payload: dict, given: float | None, val: DetectionSource | None, canvas: int, batch_size, device
+) -> tuple[float | None, str | None]:
+    """The teacher's AP and where it comes from: given, the checkpoint's metrics, or measured on ``val``;
+    warned about when weak (the same warning as online distillation's)."""
+    ap, where = given, "given with --teacher-ap"
+    if ap is None:
+        ap, where = (payload.get("metrics") or {}).get("AP"), "recorded in the checkpoint"
+    if ap is None and val is not None:
+        ap, ap50 = measure_teacher_ap(
+            teacher, val, ViewPolicy(sizes=(canvas,)), batch_size=batch_size, workers=0, device=device
+        )
+        where = "measured on the validation split at build time"
+        log.info("teacher on the validation split: AP %.4f, AP50 %.4f", ap, ap50)
+    if ap is None:
+        log.warning(
+            "the teacher's AP is unknown (not in the checkpoint): a weak teacher cannot be flagged; pass "
+            "--teacher-ap or --check-teacher to record it in the store"
+        )
+        return None, None
+    warn_if_weak_teacher(ap, where=where)
+    return float(ap), where
+
+
+def _hash_unhashed(writer: StoreWriter, source: DetectionSource, indices) -> None:
+    # Images whose records a killed earlier run committed before it saved their digests: hash them now.
+    for i in indices:
+        record = source.records[i]
+        if str(record.image_id) not in writer.content and writer.has_image(record.image_id):
+            digest = content_digest(record.file)
+            if digest is not None:
+                writer.set_content(record.image_id, digest)
 
 
 def _feature_shapes(teacher: Detector, canvas: int, device) -> dict[str, list[int]]:

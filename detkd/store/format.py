@@ -21,6 +21,7 @@ bytes and headers count.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ _PARTS = {"i": "yx", "v": "values", "s": "score", "d": "dense"}
 
 class StoreError(DetkdError):
     """A knowledge store is missing, corrupt, incomplete or does not match the run."""
+
+
+def os_error(path, exc: OSError) -> StoreError:
+    """A disk-full / permission / I/O error while writing a store, said as such and naming the file
+    (errors of ``write`` and ``fsync`` carry no file name of their own)."""
+    reason = (exc.strerror or str(exc)).lower()
+    hint = " (free some space, then rerun the same command: the build resumes)" if exc.errno in _NO_SPACE else ""
+    return StoreError(f"{exc.filename or path}: {reason}{hint}")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def record_key(image_id: int, view: View) -> str:

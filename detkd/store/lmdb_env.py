@@ -3,17 +3,22 @@
 py-lmdb refuses to open one environment twice in a process, and an environment must not be used
 across fork. Read-only handles are therefore cached per process and shared by every StoreReader in
 it; a forked child (a DataLoader worker) drops the handles it inherited and opens its own.
+Every open first checks the data file against its meta pages (``integrity.check_data_file``):
+LMDB maps the file, and a truncated one would kill the process with SIGBUS on the first read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
 
-from detkd.store.format import StoreError
+from detkd.store.format import StoreError, os_error
+from detkd.store.integrity import check_data_file
 
 MAX_READERS = 2048
 INITIAL_MAP_SIZE = 64 << 20  # grows by doubling on demand; LMDB does not preallocate the file on Linux/macOS
@@ -44,6 +49,7 @@ def open_readonly(path: str | Path) -> lmdb.Environment:
     if env is None:
         if not os.path.isfile(os.path.join(key, "data.mdb")):
             raise StoreError(f"{path}: no LMDB environment here (missing data.mdb)")
+        check_data_file(path)  # before LMDB maps it: a short file must not SIGBUS this process
         try:
             env = lmdb.open(key, readonly=True, lock=False, readahead=False, max_readers=MAX_READERS, create=False)
         except lmdb.Error as exc:
@@ -60,6 +66,25 @@ def release(path: str | Path) -> None:
         env.close()
 
 
+# errno values py-lmdb reports only in its message ("<call>: <strerror>"): said as such, naming the file.
+_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Turn a disk-full / permission / I/O failure of LMDB or the OS into a StoreError naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(path, exc) from None
+    except lmdb.Error as exc:
+        text = str(exc)
+        code = next((c for c in _OS_ERRNOS if text.endswith(os.strerror(c))), None)
+        if code is None or isinstance(exc, lmdb.MapFullError):
+            raise
+        raise os_error(path, OSError(code, os.strerror(code))) from None
+
+
 class WritableEnv:
     """An LMDB environment opened for writing whose map grows when it fills up.
 
@@ -70,16 +95,19 @@ class WritableEnv:
     def __init__(self, path: str | Path, *, initial_map_size: int = INITIAL_MAP_SIZE) -> None:
         self.path = Path(path)
         release(self.path)
-        data = self.path / "data.mdb"
-        used = data.stat().st_size if data.is_file() else 0
+        self.data = self.path / "data.mdb"
+        used = self.data.stat().st_size if self.data.is_file() else 0
+        if used:  # resuming: a damaged file must be refused, not mapped
+            check_data_file(self.path)
         try:
-            self.env = lmdb.open(
-                str(self.path),
-                map_size=max(initial_map_size, 2 * used),
-                subdir=True,
-                readahead=False,
-                max_readers=MAX_READERS,
-            )
+            with disk_errors(self.data):
+                self.env = lmdb.open(
+                    str(self.path),
+                    map_size=max(initial_map_size, 2 * used),
+                    subdir=True,
+                    readahead=False,
+                    max_readers=MAX_READERS,
+                )
         except lmdb.Error as exc:
             raise StoreError(f"{self.path}: cannot open the LMDB environment for writing ({exc})") from None
 
@@ -91,7 +119,7 @@ class WritableEnv:
         """Write items in one transaction; returns each key's previous value (None if new)."""
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with disk_errors(self.data), self.env.begin(write=True) as txn:
                     return [txn.replace(k, v) for k, v in items]
             except lmdb.MapFullError:
                 # The aborted transaction left nothing behind; retry with twice the map.
@@ -104,8 +132,11 @@ class WritableEnv:
                 yield bytes(k), len(v)
 
     def close(self) -> None:
-        self.env.sync(True)
-        self.env.close()
+        try:
+            with disk_errors(self.data):
+                self.env.sync(True)
+        finally:
+            self.env.close()
 
 
 def iter_items(env: lmdb.Environment) -> Iterator[tuple[bytes, memoryview]]:

@@ -12,20 +12,37 @@ from pathlib import Path
 
 from detkd import __version__
 from detkd.models.checkpoint import file_sha256  # noqa: F401  (re-exported: the store's teacher hash)
-from detkd.store.format import DEFAULT_DTYPES, FORMAT_VERSION, StoreError
+from detkd.store.format import DEFAULT_DTYPES, FORMAT_VERSION, StoreError, os_error
 
 MANIFEST = "manifest.json"
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON so a reader never sees a half-written file (temp file + fsync + os.replace)."""
+    """Write JSON so a reader never sees a half-written file (temp file + fsync + os.replace).
+
+    A failed write (disk full, no permission) removes its temp file and raises StoreError naming ``path``.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error(path, exc) from None
+
+
+def not_a_store(path: str | Path) -> str:
+    """Why ``path`` (which has no manifest) cannot be read as a store, and what to do."""
+    if Path(path).is_dir():
+        return (
+            f"{path}: not a detkd store: a directory without {MANIFEST} (not a store, or a build interrupted "
+            f"before it started writing: resume it with `detkd store build ... --out {path}`)"
+        )
+    return f"{path}: not a detkd store (no {MANIFEST})"
 
 
 def fingerprint(obj) -> str:
@@ -51,7 +68,7 @@ _ADVICE = {
 }
 # Fields that change while a store is built or resumed (or only describe the build); everything
 # else is its identity.
-_VOLATILE = ("counts", "created", "tool_version", "complete", "extra")
+_VOLATILE = ("counts", "created", "tool_version", "complete", "extra", "gaps")
 
 
 @dataclass
@@ -75,6 +92,9 @@ class Manifest:
     tool_version: str = __version__
     complete: bool = False  # set when a writer (or merge_shards) closed cleanly
     extra: dict = field(default_factory=dict)  # build facts (teacher AP, build seconds, rate): not identity
+    # Image views the build skipped (unreadable images): {"image_id", "file", "view", "reason"} each.
+    # A store with gaps can be complete; ``verify`` fails on them unless they are accepted.
+    gaps: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.levels = list(self.levels)
@@ -120,7 +140,7 @@ class Manifest:
     def load(cls, store_dir: str | Path) -> Manifest:
         path = Path(store_dir) / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{store_dir}: not a detkd store (no {MANIFEST})")
+            raise StoreError(not_a_store(store_dir))
         return cls.from_json(path.read_text(), source=str(path))
 
     def save(self, store_dir: str | Path) -> None:

@@ -2,14 +2,15 @@
 
 Safe with DataLoader workers (fork or spawn) and with several processes reading at once: LMDB
 handles are opened lazily, read-only and lock-free, once per process (``lmdb_env``). Lock-free
-reading assumes nobody writes the store meanwhile: read finished stores only.
+reading assumes nobody writes the store meanwhile: read finished stores only. Every environment's
+data file is checked against its meta pages before it is mapped (``integrity``), in the process that
+constructs a reader and again in each worker that opens it, so a truncated store is an error, not SIGBUS.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from detkd.store.format import (
     parse_key,
     record_key,
 )
-from detkd.store.lmdb_env import iter_items, open_readonly
+from detkd.store.integrity import check_data_file
+from detkd.store.lmdb_env import open_readonly
 from detkd.store.manifest import Manifest
 from detkd.store.select import SelectionPolicy
 from detkd.store.writer import combine_extras, shard_problems, shard_status
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 class StoreReader:
     """Random access to a store's records by (image_id, view). Picklable; cheap to construct."""
 
-    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+    def __init__(self, path: str | Path, *, verify: bool = True, check_files: bool = True) -> None:
         self.path = Path(path)
         self.verify = verify
         self.manifest = Manifest.load(self.path)
@@ -44,12 +46,20 @@ class StoreReader:
         # Shards without a status file are leftovers of a finished merge (see merge_shards).
         shards = sorted(p for p in self.path.glob("shard-*.lmdb") if p.with_suffix(".json").is_file())
         self.env_paths = merged + shards
-        if not self.env_paths:
-            raise StoreError(f"{self.path}: the store holds no records ({RECORDS} is missing)")
+        if check_files:
+            self.check_files()
         if not self.complete:
             log.warning("%s: the build of this store did not finish; some records may be missing", self.path)
         elif not merged:
             log.warning("%s: unmerged shards; reading all of them (merge_shards makes reads faster)", self.path)
+
+    def check_files(self) -> None:
+        """Raise StoreError unless every records file is there and holds the pages its meta pages claim
+        (cheap: two page reads each). Readers in other processes check again when they open them."""
+        if not self.env_paths:
+            raise StoreError(f"{self.path}: the store holds no records ({RECORDS} is missing)")
+        for env_path in self.env_paths:
+            check_data_file(env_path)
 
     @property
     def policy(self) -> SelectionPolicy:
@@ -84,6 +94,15 @@ class StoreReader:
         if self.manifest.extra or not status:
             return dict(self.manifest.extra)
         return combine_extras([s.get("extra", {}) for s in status])
+
+    @property
+    def gaps(self) -> list[dict]:
+        """Image views the build skipped ({"key", "image_id", "file", "view", "reason"}): the manifest's,
+        or the shards' before merging."""
+        status = shard_status(self.path)
+        if self.manifest.complete or not status:
+            return list(self.manifest.gaps)
+        return sorted((g for s in status for g in s.get("gaps", [])), key=lambda g: g["key"])
 
     def _envs(self):
         return [open_readonly(p) for p in self.env_paths]
@@ -259,101 +278,10 @@ def mirror_levels(
     return out
 
 
-@dataclass
-class VerifyReport:
-    path: str
-    records: int = 0
-    images: int = 0
-    bytes: int = 0
-    errors: list[str] = field(default_factory=list)
+def __getattr__(name: str):
+    # verify_store / store_info / VerifyReport live in detkd.store.verify; imports from here keep working.
+    if name in ("VerifyReport", "verify_store", "store_info"):
+        from detkd.store import verify
 
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self) -> str:
-        head = f"{self.path}: {self.records} records, {self.images} images, {self.bytes} bytes"
-        if self.ok:
-            return head + ": OK"
-        shown = self.errors[:20]
-        more = [f"... and {len(self.errors) - 20} more"] if len(self.errors) > 20 else []
-        return "\n".join([head + f": {len(self.errors)} problem(s)", *("  " + e for e in shown + more)])
-
-
-def verify_store(path: str | Path) -> VerifyReport:
-    """Re-read every record: checksum, decodability, levels and views against the manifest, counts."""
-    report = VerifyReport(path=str(path))
-    try:
-        reader = StoreReader(path, verify=True)
-    except StoreError as exc:
-        report.errors.append(str(exc))
-        return report
-    manifest = reader.manifest
-    levels = set(manifest.levels)
-    views = {View.from_dict(v).key for v in manifest.views}
-    image_ids: set[int] = set()
-    seen: set[bytes] = set()
-    for env in reader._envs():
-        for key, value in iter_items(env):
-            if key in seen:  # the same record in a shard and the merged store (interrupted merge)
-                continue
-            seen.add(key)
-            report.records += 1
-            report.bytes += len(value)
-            name = key.decode(errors="replace")
-            try:
-                image_id, view = parse_key(key)
-                image_ids.add(image_id)
-                arrays = decode_record(value, verify=True, key=name)
-                record = decode_levels(arrays, feature_shapes=manifest.feature_shapes)
-            except StoreError as exc:
-                report.errors.append(str(exc))
-                continue
-            if view.key not in views:
-                report.errors.append(f"record {name!r}: view {view.key} is not among the manifest's views")
-            if set(record) - levels:
-                report.errors.append(f"record {name!r}: unknown level(s) {sorted(set(record) - levels)}")
-    report.images = len(image_ids)
-    if not reader.complete:
-        problems = shard_problems(shard_status(path)) if shard_status(path) else []
-        detail = f" ({'; '.join(problems)})" if problems else ""
-        report.errors.append(f"the build did not finish{detail}: rerun it to complete the store")
-    expected = reader.counts
-    found = {"images": report.images, "records": report.records, "bytes": report.bytes}
-    for name, value in found.items():
-        if expected.get(name) != value:
-            report.errors.append(f"counts: manifest says {expected.get(name)} {name}, the store holds {value}")
-    return report
-
-
-def store_info(path: str | Path) -> dict:
-    """What ``detkd store info`` prints: identity, policy, views, counts and the size against dense fp16."""
-    reader = StoreReader(path, verify=False)
-    m = reader.manifest
-    counts = reader.counts
-    disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    dense = sum(2 * m.channels[lv] * m.feature_shapes[lv][0] * m.feature_shapes[lv][1] for lv in m.levels)
-    per_view = counts["bytes"] / counts["records"] if counts["records"] else 0.0
-    return {
-        "path": str(path),
-        "format_version": m.format_version,
-        "complete": m.complete,
-        "teacher_hash": m.teacher_hash,
-        "dataset_fingerprint": m.dataset_fingerprint,
-        "architecture": m.architecture,
-        "policy": m.policy,
-        "preprocessing": m.preprocessing,
-        "extra": reader.extra,
-        "levels": {
-            lv: {"stride": m.strides[lv], "channels": m.channels[lv], "feature_shape": m.feature_shapes[lv]}
-            for lv in m.levels
-        },
-        "views": [View.from_dict(v).key for v in m.views],
-        "images": counts["images"],
-        "records": counts["records"],
-        "record_bytes": counts["bytes"],
-        "disk_bytes": disk,
-        "bytes_per_image_view": per_view,
-        "dense_fp16_bytes_per_view": dense,
-        "ratio_to_dense": per_view / dense if dense else float("nan"),
-    }
+        return getattr(verify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -11,9 +12,12 @@ from detkd.data.views import View, ViewPolicy
 from detkd.errors import ConfigError
 from detkd.models.detector import Detector
 from detkd.store.build import RESIZE_RULE
+from detkd.store.content import check_content
 from detkd.store.format import LevelRecord, StoreError
 from detkd.store.reader import StoreReader, mirror_levels
 from detkd.store.select import SelectionPolicy
+
+log = logging.getLogger(__name__)
 
 
 def check_store_for_run(
@@ -26,9 +30,10 @@ def check_store_for_run(
 ) -> None:
     """Refuse a store that does not match the run, naming every differing field and what to change.
 
-    Checked: the data set (fingerprint of the training split), the preprocessing (canvas, resize
-    rule, view sizes) and, given the ``student``, the levels it distills (``levels``, default all
-    of the student's) against the stored levels and strides.
+    Checked: the data set (fingerprint of the training split, then the images' content against the
+    store's digests, ``content.check_content``), the preprocessing (canvas, resize rule, view sizes)
+    and, given the ``student``, the levels it distills (``levels``, default all of the student's)
+    against the stored levels and strides.
     """
     m = reader.manifest
     pre = m.preprocessing
@@ -71,6 +76,42 @@ def check_store_for_run(
             problems.append(f"strides differ ({detail}); exclude those levels with distill.levels or rebuild")
     if problems:
         raise StoreError(f"{reader.path} does not match this run:\n  " + "\n  ".join(problems))
+    check_content(reader.path, source)  # the annotations match; are the pixels the ones it was built on?
+
+
+def without_unstored(reader: StoreReader, source: DetectionSource, policy: ViewPolicy) -> tuple[DetectionSource, int]:
+    """The training split less the images the build skipped that have no stored view this run can use.
+
+    A store build skips unreadable images and records them (``Manifest.gaps``). A run from such a
+    store leaves those images out, with a counted warning, rather than failing mid-epoch when the
+    loader asks the store for them; images with at least one usable stored view stay in. Returns
+    (source, number left out); ``source`` itself when nothing is left out.
+    """
+    gap_ids = {int(g["image_id"]) for g in reader.gaps}
+    if not gap_ids:
+        return source, 0
+    views = StoredViews(
+        reader, bool(reader.manifest.preprocessing.get("mirror_flips")), tuple(policy.sizes), policy.flip_prob > 0
+    )
+    unusable = set()
+    for r in source.records:
+        if r.image_id in gap_ids:
+            try:
+                views(r, random.Random(0))
+            except StoreError:
+                unusable.add(r.image_id)
+    if not unusable:
+        return source, 0
+    shown = ", ".join(str(i) for i in sorted(unusable)[:10]) + (" ..." if len(unusable) > 10 else "")
+    log.warning(
+        "%s: %d training image(s) have no stored view (the build skipped them: see `detkd store info`); "
+        "left out of this run: image id(s) %s",
+        reader.path,
+        len(unusable),
+        shown,
+    )
+    kept = [r for r in source.records if r.image_id not in unusable]
+    return DetectionSource(kept, source.class_names, source.problems), len(unusable)
 
 
 def check_methods(reader: StoreReader, methods: dict) -> None:

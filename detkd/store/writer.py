@@ -9,10 +9,14 @@ images ``shard_indices(len(dataset), shard=i, num_shards=n)`` gives it (index mo
 ``shard-000i.lmdb``. ``merge_shards(out)`` then copies every shard into ``records.lmdb`` and
 removes the shards. A reader also reads an unmerged store (it looks up every shard), so merging
 is an optimisation: one memory map and one lookup per read instead of n.
+
+A writer holds the directory's build lock (``detkd.store.lock``) while it is open, records the
+image views its build skipped (``gaps``) and the images' content digests (``detkd.store.content``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -20,8 +24,10 @@ from pathlib import Path
 
 from detkd.data.views import View
 from detkd.store.codec import encode_levels
+from detkd.store.content import CONTENT, content_file, load_content, save_content
 from detkd.store.format import RECORDS, LevelRecord, StoreError, encode_record, parse_key, record_key
 from detkd.store.lmdb_env import INITIAL_MAP_SIZE, WritableEnv, iter_items, open_readonly, release
+from detkd.store.lock import BuildLock
 from detkd.store.manifest import MANIFEST, Manifest, write_json_atomic
 
 
@@ -68,6 +74,10 @@ class StoreWriter:
     the differing fields otherwise. ``close()`` (or leaving a ``with`` block) commits what is
     pending and records the counts: in ``manifest.json`` for a single build, in
     ``shard-NNNN.json`` for a shard (``merge_shards`` totals them).
+
+    ``lock``: the build lock the caller already holds (``build_store`` takes it before loading the
+    teacher, so a second build is refused at once); without one the writer takes it and releases it
+    when it closes. Raises StoreError when another build holds it.
     """
 
     def __init__(
@@ -79,6 +89,7 @@ class StoreWriter:
         num_shards: int | None = None,
         commit_every: int = 64,
         initial_map_size: int = INITIAL_MAP_SIZE,
+        lock: BuildLock | None = None,
     ) -> None:
         if commit_every < 1:
             raise StoreError(f"commit_every must be >= 1, got {commit_every}")
@@ -90,7 +101,15 @@ class StoreWriter:
         self.shard = shard
         self.num_shards = num_shards
         self.commit_every = commit_every
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._own_lock = None if lock is not None else BuildLock(self.out_dir, shard=shard).acquire()
+        try:
+            self._open(manifest, initial_map_size)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _open(self, manifest: Manifest, initial_map_size: int) -> None:
+        shard = self.shard
         self.manifest = self._adopt_manifest(manifest)
         name = RECORDS if shard is None else shard_name(shard) + ".lmdb"
         self._env = WritableEnv(self.out_dir / name, initial_map_size=initial_map_size)
@@ -99,7 +118,13 @@ class StoreWriter:
         self._views = {View.from_dict(v) for v in self.manifest.views}
         self._closed = False
         # Build facts (teacher AP, seconds, rate) kept beside the counts; a resumed build starts from the last ones.
-        self.extra: dict = dict(self.manifest.extra) if shard is None else self._shard_extra()
+        self.extra: dict = dict(self.manifest.extra) if shard is None else self._shard_status().get("extra", {})
+        # Skipped image views by record key; a later build that stores one removes it.
+        gaps = self.manifest.gaps if shard is None else self._shard_status().get("gaps", [])
+        self.gaps: dict[str, dict] = {g["key"]: dict(g) for g in gaps}
+        self._content_path = self.out_dir / content_file(shard)
+        self.content: dict[str, str] = load_content(self._content_path)
+        self._content_saved = dict(self.content)
         # Resume: count what earlier runs committed.
         self._records = self._bytes = 0
         self._image_ids: set[int] = set()
@@ -127,16 +152,21 @@ class StoreWriter:
         manifest.save(self.out_dir)
         return manifest
 
-    def _shard_extra(self) -> dict:
+    def _shard_status(self) -> dict:
         path = self.out_dir / f"{shard_name(self.shard)}.json"
-        return dict(json.loads(path.read_text()).get("extra", {})) if path.is_file() else {}
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
 
     def _write_status(self, *, complete: bool) -> None:
         counts = {"images": len(self._image_ids), "records": self._records, "bytes": self._bytes}
+        if self.content != self._content_saved:  # before the status: a store never lists unhashed images as done
+            save_content(self._content_path, self.content)
+            self._content_saved = dict(self.content)
+        gaps = sorted(self.gaps.values(), key=lambda g: g["key"])
         if self.shard is None:
             self.manifest.counts = counts
             self.manifest.complete = complete
             self.manifest.extra = dict(self.extra)
+            self.manifest.gaps = gaps
             self.manifest.save(self.out_dir)
         else:
             status = {
@@ -145,8 +175,29 @@ class StoreWriter:
                 "counts": counts,
                 "complete": complete,
                 "extra": dict(self.extra),
+                "gaps": gaps,
             }
             write_json_atomic(self.out_dir / f"{shard_name(self.shard)}.json", status)
+
+    def _release_lock(self) -> None:
+        if self._own_lock is not None:
+            self._own_lock.release()
+            self._own_lock = None
+
+    def record_gap(self, image_id: int, view: View, *, file: str, reason: str) -> None:
+        """Note an image view the build skipped (its image could not be read), for the manifest."""
+        key = record_key(image_id, view)
+        self.gaps[key] = {"key": key, "image_id": int(image_id), "file": str(file), "view": view.key, "reason": reason}
+
+    def set_content(self, image_id: int, digest: str) -> None:
+        """Record an image's content digest; refuses one that changed since an earlier run of this build."""
+        old = self.content.get(str(image_id))
+        if old is not None and old != digest:
+            raise StoreError(
+                f"{self.out_dir}: image {image_id} changed since this store was partly built (its content hash "
+                "differs): the store would mix two versions of the data; build into a new directory"
+            )
+        self.content[str(image_id)] = digest
 
     @property
     def counts(self) -> dict[str, int]:
@@ -156,6 +207,10 @@ class StoreWriter:
     def has(self, image_id: int, view: View) -> bool:
         key = record_key(image_id, view).encode()
         return key in self._pending or self._env.get(key) is not None
+
+    def has_image(self, image_id: int) -> bool:
+        """Some view of the image is stored or pending."""
+        return int(image_id) in self._image_ids or any(parse_key(k)[0] == int(image_id) for k in self._pending)
 
     def write(self, image_id: int, view: View, record: dict[str, LevelRecord] | dict) -> None:
         """Queue one image view's record: {level: LevelRecord}, or flat named arrays for ``encode_record``."""
@@ -178,7 +233,9 @@ class StoreWriter:
                 feature_shapes=self.manifest.feature_shapes,
                 value_dtype=self.manifest.policy.get("value_dtype", "float16"),
             )
-        self._pending[record_key(image_id, view).encode()] = encode_record(record)
+        key = record_key(image_id, view)
+        self._pending[key.encode()] = encode_record(record)
+        self.gaps.pop(key, None)
         if len(self._pending) >= self.commit_every:
             self.flush()
 
@@ -200,10 +257,13 @@ class StoreWriter:
     def close(self) -> None:
         if self._closed:
             return
-        self.flush()
-        self._env.close()
-        self._write_status(complete=True)
-        self._closed = True
+        try:
+            self.flush()
+            self._env.close()
+            self._write_status(complete=True)
+            self._closed = True
+        finally:
+            self._release_lock()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -212,10 +272,15 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         else:
-            # Keep what was committed, but do not mark the store complete.
-            self.flush()
-            self._env.close()
-            self._closed = True
+            # Keep what was committed, but do not mark the store complete. Best effort: the error
+            # being raised (a full disk, say) is the one to report, not a second one on the way out.
+            try:
+                for step in (self.flush, self._env.close, lambda: self._write_status(complete=False)):
+                    with contextlib.suppress(Exception):
+                        step()
+                self._closed = True
+            finally:
+                self._release_lock()
 
 
 def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
@@ -225,6 +290,12 @@ def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
     present in two shards must hold identical bytes (a rebuilt shard of the same teacher does).
     """
     out_dir = Path(out_dir)
+    Manifest.load(out_dir)  # not a store: say so before the lock creates anything
+    with BuildLock(out_dir):  # no shard may be writing while the shards are joined
+        return _merge_locked(out_dir, chunk)
+
+
+def _merge_locked(out_dir: Path, chunk: int) -> Manifest:
     manifest = Manifest.load(out_dir)
     # A shard is live while its status file exists; merging deletes the status file first, so a
     # directory without one is what an interrupted clean-up left behind.
@@ -260,13 +331,22 @@ def merge_shards(out_dir: str | Path, *, chunk: int = 1024) -> Manifest:
         counts["images"] = len(image_ids)
     finally:
         sink.close()
+    content: dict[str, str] = load_content(out_dir / CONTENT)
+    for s in status:
+        content.update(load_content(out_dir / content_file(s["shard"])))
+    if content:  # before the manifest says merged: shard files go after it
+        save_content(out_dir / CONTENT, content)
     manifest.counts = counts
     manifest.complete = True
     manifest.extra = combine_extras([s.get("extra", {}) for s in status])
+    manifest.gaps = sorted((g for s in status for g in s.get("gaps", [])), key=lambda g: g["key"])
     manifest.save(out_dir)
     for env_path in shards + leftovers:
         env_path.with_suffix(".json").unlink(missing_ok=True)
         shutil.rmtree(env_path)
+    for s in status:
+        (out_dir / content_file(s["shard"])).unlink(missing_ok=True)
+        (out_dir / f"{shard_name(s['shard'])}.lock").unlink(missing_ok=True)  # no shard runs: we hold the lock
     return manifest
 
 

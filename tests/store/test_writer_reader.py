@@ -225,18 +225,21 @@ def test_sharded_build_and_merge_equal_a_single_build(tmp_path):
     for shard in (0, 1):
         build(tmp_path / "sharded", n, shard=shard, num_shards=2)
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [
+        "build.lock",  # flock files stay (removing one would race a build opening it)
         "manifest.json",
         "shard-0000.json",
         "shard-0000.lmdb",
+        "shard-0000.lock",
         "shard-0001.json",
         "shard-0001.lmdb",
+        "shard-0001.lock",
     ]
     single = dump(tmp_path / "single")
     assert StoreReader(tmp_path / "sharded").complete
     assert_same(dump(tmp_path / "sharded"), single)  # readable before merging
     assert verify_store(tmp_path / "sharded").ok
     merged = merge_shards(tmp_path / "sharded")
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["manifest.json", "records.lmdb"]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["build.lock", "manifest.json", "records.lmdb"]
     assert_same(dump(tmp_path / "sharded"), single)
     assert merged.counts == Manifest.load(tmp_path / "single").counts and merged.complete
     assert verify_store(tmp_path / "sharded").ok
@@ -264,6 +267,9 @@ def test_merge_refuses_unfinished_shards_and_finishes_interrupted_clean_up(tmp_p
     merge_shards(tmp_path)
     assert not (tmp_path / "shard-0001.lmdb").exists() and verify_store(tmp_path).ok
     unfinished = StoreWriter(tmp_path / "single", make_manifest())  # a single build, never closed
+    with pytest.raises(StoreError, match="another build is writing this store"):
+        merge_shards(tmp_path / "single")  # while it runs
+    unfinished._release_lock()  # as its process's death would
     with pytest.raises(StoreError, match="no shards to merge and the build is not finished"):
         merge_shards(tmp_path / "single")
     unfinished.close()
