@@ -83,7 +83,10 @@ def build_student(recipe: Recipe, num_classes: int) -> Detector:
     return build_detector(spec)
 
 
-def make_loaders(bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_size: int = 1, train_dataset=None):
+def make_loaders(
+    bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_size: int = 1, train_dataset=None, pin_memory: bool = False
+):
+    """``pin_memory``: page-locked training batches, for asynchronous copies to a CUDA device."""
     d, t = recipe.data, recipe.train
     train_ds = train_dataset or ViewedDataset(bundle.train_source, bundle.policy, train=True, seed=t.seed)
     train_loader = build_loader(
@@ -95,6 +98,7 @@ def make_loaders(bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_siz
         num_replicas=world_size,
         rank=rank,
         drop_last=True,
+        pin_memory=pin_memory,
     )
     val_ds = ViewedDataset(bundle.val_source, bundle.policy, train=False, seed=t.seed)
     val_loader = build_loader(val_ds, batch_size=d.batch_size, shuffle=False, workers=d.workers)
@@ -173,7 +177,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_a
         device = torch.device("cuda", local)
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
-    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world)
+    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, pin_memory=device.type == "cuda")
     trainer = make_trainer(
         DetectionTask(student),
         recipe,

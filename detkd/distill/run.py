@@ -130,7 +130,9 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
-    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, train_dataset=train_dataset)
+    loaders = make_loaders(
+        bundle, recipe, rank=rank, world_size=world, train_dataset=train_dataset, pin_memory=device.type == "cuda"
+    )
     run_info["levels"] = list(levels)
     run_info["recipe"] = recipe.model_dump(mode="json")
     trainer = make_trainer(
