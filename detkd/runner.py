@@ -84,7 +84,13 @@ def build_student(recipe: Recipe, num_classes: int) -> Detector:
 
 
 def make_loaders(
-    bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_size: int = 1, train_dataset=None, pin_memory: bool = False
+    bundle: DataBundle,
+    recipe: Recipe,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    train_dataset=None,
+    pin_memory: bool = False,
 ):
     """``pin_memory``: page-locked training batches, for asynchronous copies to a CUDA device."""
     d, t = recipe.data, recipe.train

@@ -175,22 +175,22 @@ def _teacher_inference_ips(teacher, source, policy, scale, *, workers: int, prel
     return n / (time.perf_counter() - t0)
 
 
-def _make_task(mode: str, scale, teacher, reader):
+def _make_task(mode: str, scale, teacher, reader, method: str = "fitnet"):
     torch.manual_seed(0)
     student = build_detector(scale.student)
     if mode == "student":
         return DetectionTask(student)
     source = OnlineTeacher(teacher) if mode == "online" else StoredTeacher(reader)
     levels = common_levels(student, source)
-    method = build_method("fitnet", levels=levels, args={})
-    return DistillationTask(student, methods={"fitnet": method}, weights={}, teacher=source, levels=list(levels))
+    distiller = build_method(method, levels=levels, args={})
+    return DistillationTask(student, methods={method: distiller}, weights={}, teacher=source, levels=list(levels))
 
 
 def _step_times(scale, source, policy, teacher, store_dir, *, method: str, workers: int) -> dict[str, list[float]]:
     reader = StoreReader(store_dir)
     modes = {}
     for mode in ("student", "online", "stored"):
-        task = _make_task(mode, scale, teacher, reader)
+        task = _make_task(mode, scale, teacher, reader, method)
         if mode == "stored":
             views, knowledge = providers(reader, source)
             ds = ViewedDataset(source, policy, train=True, seed=0, view_provider=views, knowledge_provider=knowledge)
