@@ -14,6 +14,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
     s.add_argument("--json", default=None, help="write the figures to this JSON file")
     s.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    s.add_argument(
+        "--method",
+        default="fitnet",
+        help="distillation method (default fitnet; one that needs whole maps, e.g. defeat, gets a dense store)",
+    )
+    s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
 
     a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
@@ -33,9 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
-    from detkd.bench.speed import format_results, run_speed, write_results
+    from detkd.bench.speed import format_results, gpu_scale, run_speed, write_results
 
-    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers)
+    extra = {"scale": gpu_scale(), "device": "cuda"} if args.gpu else {}
+    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers, method=args.method, **extra)
     print(format_results(results))
     if args.json:
         write_results(results, args.json)
