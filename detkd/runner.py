@@ -158,18 +158,29 @@ def make_trainer(
 
 
 def distributed_context() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise.
+
+    Under torchrun the process group is set up even for one process (NCCL on CUDA, gloo on the
+    CPU), so ``--nproc-per-node 1`` runs the same initialisation and DDP path as a multi-GPU job."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     import torch.distributed as dist
 
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before NCCL starts, so each rank talks from its own GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return dist.get_rank(), world, local
+    log.info("distributed: backend %s, rank %d of %d", dist.get_backend(), dist.get_rank(), dist.get_world_size())
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def run_device(name: str, local_rank: int) -> torch.device:
+    """The recipe's device; under torchrun, CUDA means this rank's own GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -178,9 +189,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_a
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
     student = build_student(recipe, bundle.train_source.num_classes)
-    device = resolve_device(recipe.train.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
+    device = run_device(recipe.train.device, local)
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
     loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, pin_memory=device.type == "cuda")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from detkd.config import Recipe
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.distill.inherit import inherit_neck_and_heads
@@ -22,7 +20,7 @@ from detkd.runner import (
     make_loaders,
     make_trainer,
     prepare_run_dir,
-    resolve_device,
+    run_device,
     seed_everything,
 )
 
@@ -51,9 +49,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     rank, world, local = distributed_context()
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
-    device = resolve_device(recipe.train.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
+    device = run_device(recipe.train.device, local)
     student = build_student(recipe, bundle.train_source.num_classes)
     run_info: dict = {"kind": "distill", "teacher": str(cfg.teacher), "methods": [m.model_dump() for m in cfg.methods]}
 

@@ -116,7 +116,10 @@ class Trainer:
         return self.task.student
 
     def _wrap_ddp(self, task: nn.Module) -> nn.Module:
-        if self.world_size <= 1:
+        import torch.distributed as dist
+
+        # Under torchrun even one process trains through DDP, the path a multi-GPU job takes.
+        if self.world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
             return task
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Methods keep every module in the graph (a zero loss stays attached), so no unused-parameter scan.
