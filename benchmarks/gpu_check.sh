@@ -22,12 +22,14 @@ print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}), torchv
       f"cuda available {torch.cuda.is_available()}")
 PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-mkdir -p benchmarks/results
-log=benchmarks/results/gpu.log
-"$PY" -m detkd bench gpu --out /tmp/detkd-bench-gpu "$@" 2>&1 | tee "$log"
+mkdir -p benchmarks/results /tmp/detkd-bench-gpu
+case " $* " in *" --cpu "*) log=/tmp/detkd-bench-gpu/gpu-cpu.log ;; *) log=benchmarks/results/gpu.log ;; esac
+# The report is rewritten after every part, so a run stopped by this limit still leaves what it measured.
+timeout "${GPU_CHECK_TIMEOUT:-500}" "$PY" -m detkd bench gpu --out /tmp/detkd-bench-gpu "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/gpu.json "$log" "$OUT"/ 2>/dev/null
-  cp /tmp/detkd-bench-gpu/gpu-cpu.json "$OUT"/ 2>/dev/null
+  cp "$log" "$OUT"/ 2>/dev/null
+  cp benchmarks/results/gpu.json /tmp/detkd-bench-gpu/gpu-cpu.json "$OUT"/ 2>/dev/null
 fi
+echo "gpu_check: exit $rc (0 all parts passed, 1 a part failed, 124 time limit)"
 exit "$rc"

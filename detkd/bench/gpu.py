@@ -247,28 +247,43 @@ def run_gpu_check(*, out_json: str | Path, work_dir: str | Path, cpu: bool, part
         if not (small / "annotations" / "train.json").is_file():
             size = cfg["torchrun"]["size"]
             generate_synthetic(small, num_train=cfg["amp_images"], num_val=4, image_size=size, workers=gen_workers)
+
+    def save(name: str, result: dict) -> None:  # after every part: a run cut short keeps what it measured
+        report["parts"][name] = result
+        report["passed"] = all(p["passed"] for p in report["parts"].values()) and len(report["parts"]) == len(parts)
+        report["seconds"] = time.perf_counter() - t0
+        write_report(report, out_json)
+
     if "amp" in parts:
-        report["parts"]["amp"] = _timed(
-            "amp", lambda: run_amp_check(data_dir=small, out_dir=work / "amp", scale=cfg["amp"], device=device), log
+        amp_scale = cfg["amp"]
+        save(
+            "amp",
+            _timed(
+                "amp", lambda: run_amp_check(data_dir=small, out_dir=work / "amp", scale=amp_scale, device=device), log
+            ),
         )
     if "torchrun" in parts:
-        report["parts"]["torchrun"] = _timed(
+        tr = cfg["torchrun"]
+        save(
             "torchrun",
-            lambda: torchrun_part(work=work / "torchrun", data_dir=small, cfg=cfg["torchrun"], device=device),
-            log,
+            _timed(
+                "torchrun", lambda: torchrun_part(work=work / "torchrun", data_dir=small, cfg=tr, device=device), log
+            ),
         )
     if "speed" in parts:
         scale = cfg["speed"]
         if not (big / "annotations" / "train.json").is_file():
             generate_synthetic(big, num_train=scale.images, num_val=4, image_size=scale.size, workers=gen_workers)
-        report["parts"]["speed"] = _timed(
+        save(
             "speed",
-            lambda: speed_part(work=work / "speed", data_dir=big, scale=scale, workers=cfg["workers"], device=device),
-            log,
+            _timed(
+                "speed",
+                lambda: speed_part(
+                    work=work / "speed", data_dir=big, scale=scale, workers=cfg["workers"], device=device
+                ),
+                log,
+            ),
         )
-    report["passed"] = all(p["passed"] for p in report["parts"].values())
-    report["seconds"] = time.perf_counter() - t0
-    write_report(report, out_json)
     return report
 
 
