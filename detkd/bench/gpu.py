@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -186,6 +187,7 @@ def torchrun_part(*, work: Path, data_dir: Path, cfg: dict, device: torch.device
     # Both launches at once (each --standalone, its own rendezvous): interpreter start-up is most of their cost.
     for mode, teacher_path in (("stored", store), ("online", ckpt)):
         out = work / f"student-{mode}"
+        shutil.rmtree(out, ignore_errors=True)  # a rerun in the same --out starts afresh (no --resume)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone", "-m", "detkd"]
         cmd += ["distill", str(recipe), "method=fitnet", f"teacher={teacher_path}", f"train.out={out}", "--no-progress"]
         procs[mode] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
@@ -256,6 +258,7 @@ def run_gpu_check(*, out_json: str | Path, work_dir: str | Path, cpu: bool, part
 
     if "amp" in parts:
         amp_scale = cfg["amp"]
+        shutil.rmtree(work / "amp", ignore_errors=True)
         save(
             "amp",
             _timed(
