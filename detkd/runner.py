@@ -90,7 +90,16 @@ def build_student(recipe: Recipe, num_classes: int) -> Detector:
     return build_detector(spec)
 
 
-def make_loaders(bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_size: int = 1, train_dataset=None):
+def make_loaders(
+    bundle: DataBundle,
+    recipe: Recipe,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    train_dataset=None,
+    pin_memory: bool = False,
+):
+    """``pin_memory``: page-locked training batches, for asynchronous copies to a CUDA device."""
     d, t = recipe.data, recipe.train
     train_ds = train_dataset or ViewedDataset(bundle.train_source, bundle.policy, train=True, seed=t.seed)
     train_loader = build_loader(
@@ -102,6 +111,7 @@ def make_loaders(bundle: DataBundle, recipe: Recipe, *, rank: int = 0, world_siz
         num_replicas=world_size,
         rank=rank,
         drop_last=True,
+        pin_memory=pin_memory,
     )
     val_ds = ViewedDataset(bundle.val_source, bundle.policy, train=False, seed=t.seed)
     val_loader = build_loader(val_ds, batch_size=d.batch_size, shuffle=False, workers=d.workers)
@@ -155,18 +165,29 @@ def make_trainer(
 
 
 def distributed_context() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise.
+
+    Under torchrun the process group is set up even for one process (NCCL on CUDA, gloo on the
+    CPU), so ``--nproc-per-node 1`` runs the same initialisation and DDP path as a multi-GPU job."""
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     import torch.distributed as dist
 
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before NCCL starts, so each rank talks from its own GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return dist.get_rank(), world, local
+    log.info("distributed: backend %s, rank %d of %d", dist.get_backend(), dist.get_rank(), dist.get_world_size())
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def run_device(name: str, local_rank: int) -> torch.device:
+    """The recipe's device; under torchrun, CUDA means this rank's own GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -175,12 +196,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop_a
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
     student = build_student(recipe, bundle.train_source.num_classes)
-    device = resolve_device(recipe.train.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
+    device = run_device(recipe.train.device, local)
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
-    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world)
+    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, pin_memory=device.type == "cuda")
     trainer = make_trainer(
         DetectionTask(student),
         recipe,

@@ -21,6 +21,7 @@ from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.synthetic import generate_synthetic
 from detkd.data.views import ViewPolicy
+from detkd.distill.base import METHODS
 from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.distill.teacher import OnlineTeacher, StoredTeacher
 from detkd.engine.optim import build_optimizer
@@ -45,6 +46,7 @@ class SpeedScale:
     steps_per_round: int
     student: DetectorSpec
     teacher: DetectorSpec
+    amp: bool = False  # steps under float16 autocast + GradScaler, as the trainer runs them on CUDA
 
 
 def cpu_scale(quick: bool) -> SpeedScale:
@@ -56,6 +58,28 @@ def cpu_scale(quick: bool) -> SpeedScale:
     return SpeedScale(256, 128, 8, 5, 8, student, teacher)
 
 
+def gpu_scale() -> SpeedScale:
+    """COCO-like scale for one large GPU: FCOS R18/FPN-256 student, R50/FPN-256 teacher (torchvision's
+    4-conv heads), 800 px canvases, batch 16, AMP as the trainer's default on CUDA. 128 images give 8
+    steps per epoch; 3 rounds x 6 steps per mode keep the whole bench near a minute per method."""
+    student = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=256, head_convs=4)
+    teacher = DetectorSpec(family="fcos", backbone="resnet50", num_classes=6, fpn_channels=256, head_convs=4)
+    return SpeedScale(128, 800, 16, 3, 6, student, teacher, amp=True)
+
+
+def store_policy_for(method: str) -> SelectionPolicy:
+    """The compact default store (nms-ksd cells, int4) for position-wise methods; whole float16 maps
+    (dense, every channel) for methods that need them (cwd, defeat, ...)."""
+    if METHODS.get(method).sparse_ok:
+        return SelectionPolicy(name="nms-ksd")
+    return SelectionPolicy(name="dense", channel_group=1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: a host clock needs them finished
+        torch.cuda.synchronize(device)
+
+
 def run_speed(
     *,
     out_dir: str | Path,
@@ -63,12 +87,17 @@ def run_speed(
     method: str = "fitnet",
     workers: int = 2,
     scale: SpeedScale | None = None,
+    device: str | torch.device = "cpu",
+    data_dir: str | Path | None = None,
 ) -> dict:
-    """Measure everything side by side in one process; ``scale`` overrides the CPU scale (tests)."""
+    """Measure everything side by side in one process; ``scale`` overrides the CPU scale (``gpu_scale()``,
+    tests). ``data_dir`` shares one synthetic data set between runs (default ``out_dir/data``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scale = scale or cpu_scale(quick)
-    data_dir = out / "data"
+    device = torch.device(device)
+    store_policy = store_policy_for(method)
+    data_dir = Path(data_dir) if data_dir is not None else out / "data"
     if not (data_dir / "annotations" / "train.json").is_file():
         generate_synthetic(data_dir, num_train=scale.images, num_val=8, image_size=scale.size, seed=0)
     source = open_source(data_dir, format="coco", split="train")
@@ -85,10 +114,14 @@ def run_speed(
             "student": scale.student.to_dict(),
             "teacher": scale.teacher.to_dict(),
             "method": method,
+            "store_policy": store_policy.to_dict(),
+            "amp": scale.amp,
+            "device": str(device),
             "threads": torch.get_num_threads(),
             "workers": workers,
         }
     }
+    teacher.to(device)
 
     # Teacher inference throughput (features only, as a store build needs) vs store build throughput,
     # in interleaved rounds (inference, compute-only inference, a fresh build) whose medians are reported:
@@ -98,21 +131,22 @@ def run_speed(
     store_dir = out / "store"
     rounds: dict[str, list[float]] = {"inference": [], "compute": [], "build": [], "build_call": []}
     for _ in range(scale.rounds):
-        rounds["inference"].append(_teacher_inference_ips(teacher, source, policy, scale, workers=workers))
-        rounds["compute"].append(_teacher_inference_ips(teacher, source, policy, scale, workers=workers, preload=True))
+        rounds["inference"].append(_teacher_inference_ips(teacher, source, policy, scale, workers, device))
+        rounds["compute"].append(_teacher_inference_ips(teacher, source, policy, scale, workers, device, preload=True))
         if store_dir.exists():
             shutil.rmtree(store_dir)
         t0 = time.perf_counter()
         manifest = build_store(
             teacher_checkpoint=ckpt,
             source=source,
-            policy=SelectionPolicy(name="nms-ksd"),
+            policy=store_policy,
             views=policy.all_views(),
             canvas=policy.canvas,
             out_dir=store_dir,
             batch_size=scale.batch_size,
             workers=workers,
             progress=False,
+            device=device,
         )
         # The build loop (data, teacher, select, write), and the whole call (+ checkpoint load, hashing, setup).
         rounds["build"].append(manifest.extra["last_run"]["image_views_per_second"])
@@ -139,7 +173,9 @@ def run_speed(
     results["nmsksd_over_dense_size_ratio"] = info["ratio_to_dense"]
 
     # Training step times, interleaved.
-    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers)
+    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers, device=device)
+    # Peak device memory of each mode trained alone (None off CUDA): the stored run holds no teacher.
+    results["peak_memory_bytes"] = _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     results["step_seconds_median"] = med
     results["step_seconds_all"] = times
@@ -156,54 +192,82 @@ def run_speed(
     return results
 
 
-def _teacher_inference_ips(teacher, source, policy, scale, *, workers: int, preload: bool = False) -> float:
+def _teacher_inference_ips(teacher, source, policy, scale, workers: int, device, *, preload: bool = False) -> float:
     """Image views per second of the teacher's feature forward over the data, loading included
     (the loader as a store build uses it), or over batches decoded beforehand (``preload``)."""
+    cuda = device.type == "cuda"
     loader = build_loader(
-        ViewedDataset(source, policy, train=False), batch_size=scale.batch_size, shuffle=False, workers=workers
+        ViewedDataset(source, policy, train=False),
+        batch_size=scale.batch_size,
+        shuffle=False,
+        workers=workers,
+        pin_memory=cuda,
     )
     teacher.eval()
     with torch.no_grad():
-        first = next(iter(loader))
+        first = next(iter(loader)).to(device)
         teacher.features(first.images, first.image_sizes)  # warm-up
-        batches = list(loader) if preload else loader
+        batches = [b.to(device) for b in loader] if preload else loader
+        _sync(device)
         t0 = time.perf_counter()
         n = 0
         for b in batches:
+            b = b.to(device, non_blocking=cuda)
             teacher.features(b.images, b.image_sizes)
             n += len(b)
+        _sync(device)
     return n / (time.perf_counter() - t0)
 
 
-def _make_task(mode: str, scale, teacher, reader):
+MODES = ("student", "online", "stored")
+
+
+def _make_task(mode: str, scale, teacher, reader, method: str = "fitnet"):
     torch.manual_seed(0)
     student = build_detector(scale.student)
     if mode == "student":
         return DetectionTask(student)
     source = OnlineTeacher(teacher) if mode == "online" else StoredTeacher(reader)
     levels = common_levels(student, source)
-    method = build_method("fitnet", levels=levels, args={})
-    return DistillationTask(student, methods={"fitnet": method}, weights={}, teacher=source, levels=list(levels))
+    distiller = build_method(method, levels=levels, args={})
+    return DistillationTask(student, methods={method: distiller}, weights={}, teacher=source, levels=list(levels))
 
 
-def _step_times(scale, source, policy, teacher, store_dir, *, method: str, workers: int) -> dict[str, list[float]]:
+def _mode_setup(mode, scale, source, policy, teacher, reader, method, workers, device):
+    """(task, loader, optimizer, scaler) of one mode, on ``device``."""
+    task = _make_task(mode, scale, teacher, reader, method).to(device)
+    if mode == "stored":
+        views, knowledge = providers(reader, source)
+        ds = ViewedDataset(source, policy, train=True, seed=0, view_provider=views, knowledge_provider=knowledge)
+    else:
+        ds = ViewedDataset(source, policy, train=True, seed=0)
+    loader = build_loader(
+        ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True, pin_memory=device.type == "cuda"
+    )
+    # Random weights: a vanishing lr keeps every step's full cost while losses stay finite.
+    opt = build_optimizer(task, name="sgd", lr=1e-12)
+    return task, loader, opt, torch.amp.GradScaler(device.type, enabled=scale.amp)
+
+
+def _train_step(task, batch, opt, scaler, device, amp: bool) -> None:
+    """One step as the trainer takes it: non-blocking copy, autocast, scaled backward, step."""
+    batch = batch.to(device, non_blocking=device.type == "cuda")
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        loss = sum(task(batch).values())
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    _sync(device)
+
+
+def _step_times(scale, source, policy, teacher, store_dir, *, method, workers, device) -> dict[str, list[float]]:
     reader = StoreReader(store_dir)
-    modes = {}
-    for mode in ("student", "online", "stored"):
-        task = _make_task(mode, scale, teacher, reader)
-        if mode == "stored":
-            views, knowledge = providers(reader, source)
-            ds = ViewedDataset(source, policy, train=True, seed=0, view_provider=views, knowledge_provider=knowledge)
-        else:
-            ds = ViewedDataset(source, policy, train=True, seed=0)
-        loader = build_loader(ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True)
-        # Random weights: a vanishing lr keeps every step's full cost while losses stay finite.
-        opt = build_optimizer(task, name="sgd", lr=1e-12)
-        modes[mode] = (task, loader, opt)
+    modes = {m: _mode_setup(m, scale, source, policy, teacher, reader, method, workers, device) for m in MODES}
     times: dict[str, list[float]] = {m: [] for m in modes}
     iterators: dict[str, object] = {}
     for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
-        for mode, (task, loader, opt) in modes.items():
+        for mode, (task, loader, opt, scaler) in modes.items():
             task.train()
             for _ in range(scale.steps_per_round):
                 fresh = mode not in iterators
@@ -215,13 +279,30 @@ def _step_times(scale, source, policy, teacher, store_dir, *, method: str, worke
                 except StopIteration:  # epoch end: a new iterator starts its workers, not a training cost
                     iterators[mode] = iter(loader)
                     batch, fresh = next(iterators[mode]), True
-                loss = sum(task(batch).values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                _train_step(task, batch, opt, scaler, device, scale.amp)
                 if r > 0 and not fresh:  # steady state only: worker start-up is excluded for every mode
                     times[mode].append(time.perf_counter() - t0)
     return times
+
+
+def _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device) -> dict[str, int] | None:
+    """``torch.cuda.max_memory_allocated`` over 2 steps of each mode alone on the device (teacher
+    weights resident only in the online mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    reader = StoreReader(store_dir)
+    peaks: dict[str, int] = {}
+    for mode in MODES:
+        teacher.to(device if mode == "online" else "cpu")
+        task, loader, opt, scaler = _mode_setup(mode, scale, source, policy, teacher, reader, method, workers, device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        for _, batch in zip(range(2), loader, strict=False):
+            _train_step(task, batch, opt, scaler, device, scale.amp)
+        peaks[mode] = int(torch.cuda.max_memory_allocated(device))
+        del task, loader, opt, scaler
+    teacher.to(device)
+    return peaks
 
 
 def _reader_throughput(store_dir: Path) -> float:

@@ -14,7 +14,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
     s.add_argument("--json", default=None, help="write the figures to this JSON file")
     s.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    s.add_argument(
+        "--method",
+        default="fitnet",
+        help="distillation method (default fitnet; one that needs whole maps, e.g. defeat, gets a dense store)",
+    )
+    s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
+
+    g = bsub.add_parser("gpu", help="the CUDA/AMP path checked and the store's speed-up measured on one GPU")
+    g.add_argument("--cpu", action="store_true", help="dry run of the same code paths at a toy scale on the CPU")
+    g.add_argument("--json", default=None, help="report file (default benchmarks/results/gpu.json; --cpu: in --out)")
+    g.add_argument("--out", default="runs/bench-gpu", help="working directory (data, runs, stores)")
+    g.add_argument("--parts", nargs="+", choices=["amp", "torchrun", "speed"], default=["amp", "torchrun", "speed"])
+    g.set_defaults(func=run_gpu_cmd)
 
     a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
     a.add_argument("--recipe", required=True, help="student recipe YAML")
@@ -33,14 +46,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
-    from detkd.bench.speed import format_results, run_speed, write_results
+    from detkd.bench.speed import format_results, gpu_scale, run_speed, write_results
 
-    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers)
+    extra = {"scale": gpu_scale(), "device": "cuda"} if args.gpu else {}
+    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers, method=args.method, **extra)
     print(format_results(results))
     if args.json:
         write_results(results, args.json)
         print(f"figures written to {args.json}")
     return 0
+
+
+def run_gpu_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detkd.bench.gpu import format_report, run_gpu_check
+
+    default = Path(args.out) / "gpu-cpu.json" if args.cpu else Path("benchmarks/results/gpu.json")
+    out_json = Path(args.json) if args.json else default
+    report = run_gpu_check(out_json=out_json, work_dir=args.out, cpu=args.cpu, parts=tuple(args.parts))
+    print(format_report(report))
+    print(f"report written to {out_json}")
+    return 0 if report["passed"] else 1
 
 
 def run_accuracy_cmd(args: argparse.Namespace) -> int:

@@ -56,9 +56,21 @@ class Batch:
         return len(self.image_ids)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Tensors moved to ``device``; ``non_blocking`` overlaps the copy with compute only from pinned memory."""
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking), knowledge=True)
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copy of the tensors the trainer moves (images, targets, extras).
+
+        The DataLoader's pin thread calls this (``pin_memory=True``). Stored knowledge stays as
+        read: the reader collates it into new tensors on the main process before any copy.
+        """
+        return self._map(lambda x: x.pin_memory(), knowledge=False)
+
+    def _map(self, fn: Callable[[Tensor], Tensor], *, knowledge: bool) -> Batch:
         def move(x):
             if isinstance(x, Tensor):
-                return x.to(device, non_blocking=non_blocking)
+                return fn(x)
             if isinstance(x, dict):
                 return {k: move(v) for k, v in x.items()}
             if isinstance(x, list):
@@ -66,14 +78,14 @@ class Batch:
             return x
 
         return Batch(
-            images=self.images.to(device, non_blocking=non_blocking),
+            images=fn(self.images),
             image_sizes=self.image_sizes,
             targets=move(self.targets),
             image_ids=self.image_ids,
             views=self.views,
             orig_sizes=self.orig_sizes,
             indices=self.indices,
-            knowledge=move(self.knowledge) if self.knowledge is not None else None,
+            knowledge=move(self.knowledge) if knowledge and self.knowledge is not None else self.knowledge,
             skipped=self.skipped,
             extras=move(self.extras),
         )
@@ -192,9 +204,13 @@ def build_loader(
     num_replicas: int = 1,
     rank: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch): call ``set_epoch`` on both
-    ``loader.sampler`` and ``loader.dataset`` at the start of every epoch."""
+    ``loader.sampler`` and ``loader.dataset`` at the start of every epoch.
+
+    ``pin_memory`` (CUDA runs only): batches arrive page-locked, so ``Batch.to(cuda, non_blocking=True)``
+    is a real asynchronous copy instead of a staged, synchronous one."""
     sampler = SeededSampler(
         dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
@@ -206,6 +222,7 @@ def build_loader(
         collate_fn=Collate(dataset.policy.canvas),
         drop_last=drop_last,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from detkd.config import Recipe
 from detkd.data.loader import ViewedDataset
 from detkd.distill.inherit import inherit_neck_and_heads
@@ -22,7 +20,7 @@ from detkd.runner import (
     make_loaders,
     make_trainer,
     prepare_run_dir,
-    resolve_device,
+    run_device,
     seed_everything,
 )
 
@@ -55,9 +53,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     rank, world, local = distributed_context()
     seed_everything(recipe.train.seed)
     bundle = load_data(recipe)
-    device = resolve_device(recipe.train.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
+    device = run_device(recipe.train.device, local)
     student = build_student(recipe, bundle.train_source.num_classes)
     run_info: dict = {"kind": "distill", "teacher": str(cfg.teacher), "methods": [m.model_dump() for m in cfg.methods]}
 
@@ -145,7 +141,9 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
     task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
-    loaders = make_loaders(bundle, recipe, rank=rank, world_size=world, train_dataset=train_dataset)
+    loaders = make_loaders(
+        bundle, recipe, rank=rank, world_size=world, train_dataset=train_dataset, pin_memory=device.type == "cuda"
+    )
     run_info["levels"] = list(levels)
     run_info["recipe"] = recipe.model_dump(mode="json")
     trainer = make_trainer(

@@ -8,6 +8,7 @@ computed, or exactly zero for several steps in a row.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor, nn
@@ -111,12 +112,13 @@ class DistillationTask(nn.Module):
         return maps
 
     def _guard(self, kd: dict[str, Tensor], det: dict[str, Tensor]) -> None:
-        values = {k: v.detach().float() for k, v in kd.items()}
-        bad = [k for k, v in values.items() if not torch.isfinite(v)]
+        # One host-device sync for all terms (on a GPU each float() or `if tensor` is a sync of its own).
+        values = dict(zip(kd, torch.stack([v.detach().float() for v in kd.values()]).tolist(), strict=True))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise DetkdError(f"step {self.step}: distillation loss {bad} is not finite; lower its weight or the lr")
         total = sum(values.values())
-        self.zero_steps = self.zero_steps + 1 if float(total) == 0.0 else 0
+        self.zero_steps = self.zero_steps + 1 if total == 0.0 else 0
         if self.zero_steps >= ZERO_PATIENCE:
             raise DetkdError(
                 f"distillation loss has been exactly 0 for {self.zero_steps} steps: the teacher's knowledge does "
@@ -124,7 +126,7 @@ class DistillationTask(nn.Module):
             )
         if self.step in LOG_FIRST_STEPS:
             det_total = float(sum(v.detach() for v in det.values()))
-            shown = ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             log.info("step %d: detection loss %.4g; distillation terms: %s", self.step, det_total, shown)
 
     def extra_state(self) -> dict:

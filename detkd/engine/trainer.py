@@ -65,7 +65,11 @@ class Trainer:
         world_size: int = 1,
         run_info: dict | None = None,
         step_hook: Callable[[int, dict[str, float]], None] | None = None,
+        amp_on_cpu: bool = False,
     ) -> None:
+        """``amp``: float16 autocast + GradScaler, on CUDA only (CPU float16 kernels are slow).
+        ``amp_on_cpu`` forces it on the CPU too: a test hook that runs the CUDA code path (scaling,
+        unscale before clipping, scaler state in checkpoints) on machines without a GPU."""
         self.task = task
         self.device = torch.device(device)
         self.task.to(self.device)
@@ -76,7 +80,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.epochs = epochs
         self.grad_clip = grad_clip
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp and (self.device.type == "cuda" or amp_on_cpu)
         self.seed = seed
         self.eval_every = eval_every
         self.log_every = max(1, log_every)
@@ -96,7 +100,9 @@ class Trainer:
             warmup_iters=warmup_iters,
             warmup_factor=warmup_factor,
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
+        self.skipped_steps = 0  # AMP steps whose gradients overflowed (the scaler skips them and backs off)
+        self._scale = self.scaler.get_scale()
         self.model = self._wrap_ddp(task)
         self.start_epoch = 0
         self.best_ap = -1.0
@@ -112,7 +118,10 @@ class Trainer:
         return self.task.student
 
     def _wrap_ddp(self, task: nn.Module) -> nn.Module:
-        if self.world_size <= 1:
+        import torch.distributed as dist
+
+        # Under torchrun even one process trains through DDP, the path a multi-GPU job takes.
+        if self.world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
             return task
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Methods keep every module in the graph (a zero loss stays attached), so no unused-parameter scan.
@@ -155,7 +164,12 @@ class Trainer:
         self.task.load_extra_state(state["task_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.amp and not state["scaler"]:
+            # Saved by a run without AMP (a disabled scaler saves {}): start scaling afresh.
+            log.info("%s: no GradScaler state saved (run trained without AMP); the scale starts afresh", path)
+        else:
+            self.scaler.load_state_dict(state["scaler"])
+        self._scale = self.scaler.get_scale()
         self.start_epoch = state["epoch"] + 1
         self.best_ap = state["best_ap"]
         self.history = state["history"]
@@ -260,7 +274,8 @@ class Trainer:
             skipped += batch.skipped
             if len(batch) == 0:
                 continue
-            losses = self._step(batch.to(self.device), step)
+            # Asynchronous from a pinned batch (the loader pins on CUDA); a plain copy otherwise.
+            losses = self._step(batch.to(self.device, non_blocking=self.device.type == "cuda"), step)
             images += len(batch) * self.world_size
             step += 1
             if self.step_hook is not None:
@@ -271,22 +286,29 @@ class Trainer:
         return step, images, skipped
 
     def _step(self, batch: Batch, step: int) -> dict[str, float]:
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             losses = self.model(batch)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise DetkdError(f"step {step}: loss is not finite ({terms}); lower train.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
             nn.utils.clip_grad_norm_(self.task.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # skipped (weights untouched) when an AMP gradient overflowed
         self.scaler.update()
         self.scheduler.step()
-        values = {k: v.detach().item() for k, v in losses.items()}
-        values["loss"] = total.detach().item()
-        if not math.isfinite(values["loss"]):
-            raise DetkdError(f"step {step}: loss is not finite")
+        # One host-device sync per step for every logged number, after all of the step's work is queued.
+        # A non-finite loss is caught here: the run stops before anything is saved from this step.
+        numbers = torch.stack([v.detach().float() for v in (*losses.values(), total)]).tolist()
+        values = dict(zip(losses, numbers[:-1], strict=True))
+        values["loss"] = numbers[-1]
+        if not all(math.isfinite(v) for v in numbers):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
+            raise DetkdError(f"step {step}: loss is not finite ({terms}); lower train.lr or check the data")
+        if self.amp:
+            scale = self.scaler.get_scale()
+            if scale < self._scale:  # update() backs off only after a skipped step
+                self.skipped_steps += 1
+            self._scale = scale
+            values["amp_scale"] = scale
         return values

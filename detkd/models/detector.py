@@ -126,7 +126,9 @@ class Detector(nn.Module):
             detections, _ = m.roi_heads(raw, proposals, image_list.image_sizes)
             return detections
         feats = list(raw.values())
-        head_outputs = m.head(feats)
+        # Decode and score in float32: under float16 autocast torchvision decodes boxes in the head's
+        # dtype, which spaces coordinates 0.5 px apart from 512 px up (1 px from 1024).
+        head_outputs = {k: v.float() for k, v in m.head(feats).items()}
         anchors = m.anchor_generator(image_list, feats)
         num_per_level = [x.size(2) * x.size(3) for x in feats]
         hwa = head_outputs["cls_logits"].size(1)

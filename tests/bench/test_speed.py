@@ -48,3 +48,17 @@ def test_run_speed_reports_every_ratio(tmp_path):
     write_results(r, tmp_path / "speed.json")
     keys = json.loads((tmp_path / "speed.json").read_text())
     assert any("stored" in k and "ratio" in k for k in keys) and any("size" in k and "ratio" in k for k in keys)
+
+
+def test_method_is_honoured_and_gets_a_store_it_can_read(spec_factory):
+    from detkd.bench.speed import _make_task, store_policy_for
+    from detkd.models.builders import build_detector
+
+    scale = SpeedScale(8, 64, 2, 1, 1, spec_factory("fcos"), spec_factory("fcos", fpn_channels=32))
+    teacher = build_detector(scale.teacher)
+    for method in ("fitnet", "cwd", "defeat"):
+        task = _make_task("online", scale, teacher, None, method)
+        assert list(task.methods) == [method]
+    assert store_policy_for("fitnet").name == "nms-ksd" and store_policy_for("pkd").name == "nms-ksd"
+    dense = store_policy_for("defeat")
+    assert dense.name == "dense" and dense.channel_group == 1 and dense.value_dtype == "float16"

@@ -206,3 +206,28 @@ def test_worker_processes_give_the_same_batches(source):
     for x, y in zip(main, workers, strict=True):
         assert x.indices == y.indices and x.views == y.views
         assert torch.equal(x.images, y.images)
+
+
+def test_pin_memory_pins_every_moved_tensor_and_keeps_the_rest(source, monkeypatch):
+    """The loader's pin thread calls ``Batch.pin_memory``; no CUDA here, so pinning is recorded, not done."""
+    batch = Collate(96)([ViewedDataset(source, POLICY, train=False)[i] for i in range(2)])
+    batch.knowledge = [{"p3": "a stored record"}, {"p3": "another"}]  # stays as read (collated later)
+    batch.extras = {"gt": torch.ones(2)}
+    pinned: list[int] = []
+
+    def fake_pin(self):
+        pinned.append(self.data_ptr())
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = batch.pin_memory()
+    tensors = [batch.images, batch.extras["gt"]] + [t[k] for t in batch.targets for k in ("boxes", "labels")]
+    assert sorted(pinned) == sorted(t.data_ptr() for t in tensors)
+    assert isinstance(out, Batch) and torch.equal(out.images, batch.images)
+    assert out.knowledge is batch.knowledge and out.image_ids == batch.image_ids and out.views == batch.views
+
+
+def test_build_loader_pins_only_when_asked(source):
+    ds = ViewedDataset(source, POLICY, train=False)
+    assert not build_loader(ds, batch_size=4, shuffle=False).pin_memory
+    assert build_loader(ds, batch_size=4, shuffle=False, pin_memory=True).pin_memory

@@ -83,3 +83,14 @@ def test_padding_is_zero_after_normalisation():
     x = det.normalize(torch.ones(1, 3, 64, 64), [(32, 48)])
     assert torch.all(x[:, :, 32:, :] == 0) and torch.all(x[:, :, :, 48:] == 0)
     assert torch.all(x[:, :, :32, :48] != 0)
+
+
+def test_predictions_decode_in_float32_under_float16_autocast(spec_factory):
+    """Boxes decoded in float16 are 0.5 px apart from 512 px up; evaluation under AMP decodes in float32."""
+    for family in ("fcos", "retinanet"):
+        torch.manual_seed(0)
+        det = build_detector(spec_factory(family, score_thresh=0.0)).eval()
+        images = torch.rand(1, 3, 64, 64)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            pred = det.predict(images, [(64, 64)])[0]
+        assert pred["boxes"].dtype == torch.float32 and pred["scores"].dtype == torch.float32, family
