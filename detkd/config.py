@@ -6,13 +6,17 @@ arguments; this module only maps a recipe onto them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS
 from detkd.errors import ConfigError
+
+DEFAULT_METHOD_WEIGHT = "auto"
 
 
 class _Section(BaseModel):
@@ -70,8 +74,18 @@ class TrainConfig(_Section):
 
 class MethodConfig(_Section):
     name: str
-    weight: float = 1.0  # multiplies every loss term of the method
+    # auto: calibrated so the method's gradient on the student's features is distill.auto_ratio times the
+    # detection loss's (detkd.distill.balance); paper: the published weight as is; a number: a fixed
+    # multiplier of the paper-weighted loss.
+    weight: Literal["auto", "paper"] | float = DEFAULT_METHOD_WEIGHT
     args: dict[str, Any] = Field(default_factory=dict)  # method keyword arguments
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_non_negative(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"a method weight must be a finite number >= 0, 'auto' or 'paper'; got {v}")
+        return v
 
 
 class DistillConfig(_Section):
@@ -83,6 +97,9 @@ class DistillConfig(_Section):
     # A store selection policy applied to a live teacher (e.g. {name: nms-ksd, channel_group: 4}):
     # the stored loss without the store, to tell selection effects from storage effects.
     online_selection: dict[str, Any] | None = None
+    auto_ratio: float = Field(DEFAULT_RATIO, gt=0, allow_inf_nan=False)  # `auto`: method / detection push
+    auto_measure: Literal["grad", "loss"] = DEFAULT_MEASURE  # `auto` balances gradient norms or loss values
+    calibration_steps: int = Field(DEFAULT_STEPS, ge=1)  # steps that calibrate `auto` weights
     check_teacher: bool = True  # evaluate the teacher before training and warn if it is weak
     min_teacher_gain: float = 0.02  # AP the teacher must exceed `expected_student_ap` by, if given
     expected_student_ap: float | None = None

@@ -14,6 +14,8 @@ def _epilog() -> str:
     lines += [
         "",
         "shorthands: method=NAME[:WEIGHT][+NAME[:WEIGHT]...]  teacher=CHECKPOINT_OR_STORE_DIR  inherit=true",
+        "            WEIGHT: auto (default: gradient-balanced against the detection loss), paper (the published",
+        "            weight), or a number (a fixed multiplier of the published weight)",
         "            args.NAME.KEY=VALUE sets a method keyword argument (e.g. args.ssim.window_size=7)",
         "examples:",
         "  detkd distill configs/shapes_student.yaml method=fitnet teacher=runs/teacher/best.pt",
@@ -47,7 +49,10 @@ def expand_shorthands(items: list[str]) -> list[str]:
         if key == "method":
             for part in value.split("+"):
                 name, _, weight = part.partition(":")
-                methods.append({"name": name.strip(), "weight": float(weight) if weight else 1.0})
+                entry: dict = {"name": name.strip()}
+                if weight:
+                    entry["weight"] = parse_weight(weight, item)
+                methods.append(entry)
         elif key in ("teacher", "inherit", "levels"):
             out.append(f"distill.{key}={value}")
         elif key.startswith("args."):
@@ -68,6 +73,24 @@ def expand_shorthands(items: list[str]) -> list[str]:
     elif args:
         raise ConfigError("args.METHOD.KEY=VALUE needs method=METHOD on the same command line")
     return out
+
+
+def parse_weight(text: str, item: str) -> float | str:
+    """``auto`` / ``paper`` / a finite number >= 0, else a ConfigError naming the value."""
+    import math
+
+    from detkd.config import ConfigError
+
+    text = text.strip()
+    if text in ("auto", "paper"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{item!r}: weight {text!r} is not 'auto', 'paper' or a finite number >= 0")
+    return value
 
 
 def run_distill(args: argparse.Namespace) -> int:
