@@ -162,3 +162,39 @@ def test_gkd_parity_mode_gets_student_maps_and_carries_no_gradient(spec_factory)
     task.train()
     losses = task(_batch())
     assert float(losses["gkd.cam"]) > 0 and not losses["gkd.cam"].requires_grad
+
+
+def test_auto_weight_balances_gradients_then_freezes_and_resumes(spec_factory):
+    torch.manual_seed(0)
+    student = build_detector(spec_factory("fcos"))
+    teacher = OnlineTeacher(build_detector(spec_factory("fcos", fpn_channels=32)))
+    levels = common_levels(student, teacher)
+    methods = {"fitnet": build_method("fitnet", levels=levels, args={})}
+
+    def make(s):
+        return DistillationTask(
+            s,
+            methods=methods,
+            weights={"fitnet": "auto"},
+            teacher=teacher,
+            levels=list(levels),
+            auto_ratio=0.25,
+            calibration_steps=2,
+        )
+
+    task = make(student)
+    task.train()
+    batch = _batch()
+    losses = task(batch)
+    # Step 1 already uses the weight measured on its own batch (not the paper weight 1).
+    assert losses["fitnet.p3"].requires_grad
+    assert task.weight_report()["fitnet"]["weight"] != 1.0 and task.balance.calibrating
+    task(batch)
+    frozen = task.weight_report()["fitnet"]
+    assert frozen["rule"] == "auto" and frozen["frozen"] and frozen["calibration_steps"] == 2
+    task(batch)
+    assert task.weight_report()["fitnet"]["weight"] == frozen["weight"]  # no drift after calibration
+    # A resumed run replays the frozen weight without measuring again.
+    other = make(build_detector(spec_factory("fcos")))
+    other.load_extra_state(task.extra_state())
+    assert not other.balance.calibrating and other.weight_report()["fitnet"]["weight"] == frozen["weight"]
