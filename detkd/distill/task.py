@@ -53,7 +53,7 @@ def build_method(name: str, *, levels: dict[str, LevelSpec], args: dict) -> Dist
         raise ConfigError(str(exc.args[0])) from None
     try:
         return cls(levels=levels, **args)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown or out-of-range argument: the user's to fix
         raise ConfigError(f"method {name!r}: {exc}") from None
 
 
@@ -82,6 +82,9 @@ class DistillationTask(nn.Module):
         )
         self.levels = list(levels)
         self.__dict__["teacher"] = teacher  # not a submodule: outside DDP, the optimiser and state_dict
+        modes = [m.teacher_importance_mode for m in methods.values() if getattr(m, "teacher_importance_mode", None)]
+        if modes and hasattr(teacher, "importance_mode"):  # a live teacher builds Grad-CAM the way gkd asks
+            teacher.importance_mode = dict(modes[0])
         self.needs = frozenset().union(*(m.needs for m in methods.values()))
         self.step = 0
         self.zero_steps = 0
