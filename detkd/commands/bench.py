@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
 
+    r = bsub.add_parser("readme", help="regenerate README's results tables from benchmarks/results/*.json")
+    r.add_argument("--readme", default="README.md", help="README to update (default: README.md)")
+    r.add_argument("--results", default="benchmarks/results", help="results directory (default: benchmarks/results)")
+    r.add_argument("--check", action="store_true", help="only report tables that are out of date (exit 1)")
+    r.set_defaults(func=run_readme_cmd)
+
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
     from detkd.bench.speed import format_results, run_speed, write_results
@@ -73,4 +79,15 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
     print(format_table(table, teacher_ap=teacher_ap))
     if args.json:
         print(f"results written to {args.json}")
+    return 0
+
+
+def run_readme_cmd(args: argparse.Namespace) -> int:
+    from detkd.bench.tables import update_readme
+
+    stale = update_readme(args.readme, args.results, check=args.check)
+    if args.check and stale:
+        print(f"{args.readme}: tables out of date for {', '.join(stale)}; run `detkd bench readme`")
+        return 1
+    print(f"{args.readme}: {'up to date' if not stale else 'updated ' + ', '.join(stale)}")
     return 0
