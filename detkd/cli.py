@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 
 from detkd import __version__
 from detkd.commands import COMMANDS
 from detkd.errors import DetkdError
+
+# OSErrors that are the disk's or the file system's doing: reported in one line, exit code 2.
+REPORTED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     except DetkdError as exc:
         print(f"detkd: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:
+            raise
+        print(f"detkd: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("detkd: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """``<filename>: no space left on device`` for a disk-full / permission / read-only error, else None.
+
+    Any module may let such an OSError reach ``main`` (set ``filename`` to the path the user knows).
+    """
+    if exc.errno not in REPORTED_ERRNOS:
+        return None
+    reason = os.strerror(exc.errno).lower()
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
 
 
 if __name__ == "__main__":

@@ -8,47 +8,55 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS
+from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, WEIGHT_RULES
 from detkd.errors import ConfigError
 
 DEFAULT_METHOD_WEIGHT = "paper"  # until `auto` is measured on the benchmarks (see README)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: every float field must be finite (train.lr=.inf once trained NaN weights).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1)]
 
 
 class DataConfig(_Section):
     format: str = "auto"  # auto | coco | voc | yolo | cityscapes | kitti
-    root: str  # data set directory or annotation file
-    val_root: str | None = None  # defaults to root
-    train_split: str = "train"
-    val_split: str = "val"
-    sizes: list[int] = Field(default_factory=lambda: [128])  # longer image side; several = multi-scale
+    root: Name  # data set directory or annotation file
+    val_root: Name | None = None  # defaults to root
+    train_split: Name = "train"
+    val_split: Name = "val"
+    # Longer image side; several = multi-scale.
+    sizes: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
-    limit: int | None = None  # use only the first N training images (quick runs)
+    limit: int | None = Field(None, ge=1)  # use only the first N training images (quick runs)
 
 
 class ModelConfig(_Section):
     family: Literal["retinanet", "fcos", "fasterrcnn"] = "fcos"
-    backbone: str = "resnet18"
-    fpn_channels: int = 64
-    head_convs: int = 2
-    anchor_size: int | None = None
+    backbone: Name = "resnet18"
+    fpn_channels: int = Field(64, ge=1)
+    head_convs: int = Field(2, ge=0)  # 0: no conv tower, the predictors sit on the FPN maps
+    anchor_size: int | None = Field(None, ge=1)
     anchor_scales: int = Field(3, ge=1)  # RetinaNet: octave scales per cell
-    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])  # RetinaNet: aspect ratios
+    # RetinaNet: aspect ratios.
+    anchor_ratios: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
     assigner: Literal["iou", "atss"] = "iou"  # RetinaNet's anchor labelling
-    box_head_dim: int = 256
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    box_head_dim: int = Field(256, ge=1)
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0)
+    nms_thresh: float = Field(0.5, ge=0.0, le=1.0)
+    detections_per_img: int = Field(100, ge=1)
     checkpoint: str | None = None  # initial weights (detkd or torchvision state dict)
 
 
@@ -56,43 +64,53 @@ class TrainConfig(_Section):
     epochs: int = Field(12, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.01, gt=0)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    milestones: list[int] = Field(default_factory=lambda: [8, 11])  # epochs, for the step schedule
-    gamma: float = 0.1
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    grad_clip: float | None = 10.0
+    # Epochs, for the step schedule.
+    milestones: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [8, 11])
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_iters: int = Field(100, ge=0)
+    warmup_factor: float = Field(0.001, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(10.0, gt=0.0)  # null: no clipping
     amp: bool = True  # only takes effect on CUDA
-    seed: int = 0
-    eval_every: int = 1  # epochs; 0 = only at the end
-    device: str = "auto"
-    log_every: int = 10
-    out: str = "runs/default"
+    seed: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
+    device: Name = "auto"
+    log_every: int = Field(10, ge=0)  # steps; 0 behaves as 1
+    out: Name = "runs/default"
 
 
 class MethodConfig(_Section):
-    name: str
-    # auto: calibrated so the method's gradient on the student's features is distill.auto_ratio times the
+    name: Name
+    # auto: calibrated so the method's push on the student's features is distill.auto_ratio times the
     # detection loss's (detkd.distill.balance); paper: the published weight as is; a number: a fixed
     # multiplier of the paper-weighted loss.
     weight: Literal["auto", "paper"] | float = DEFAULT_METHOD_WEIGHT
     args: dict[str, Any] = Field(default_factory=dict)  # method keyword arguments
 
-    @field_validator("weight")
+    @field_validator("weight", mode="before")
     @classmethod
-    def _finite_non_negative(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"a method weight must be a finite number >= 0, 'auto' or 'paper'; got {v}")
+    def _weight(cls, v: Any) -> float | str:
+        return method_weight_value(v)
+
+
+def method_weight_value(v: Any) -> float | str:
+    """A method weight: "auto", "paper" or a finite number >= 0 (ValueError otherwise)."""
+    if v in WEIGHT_RULES:
         return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"a method weight is 'auto', 'paper' or a finite number >= 0, got {v!r}")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"a method weight must be a finite number >= 0 ('auto' or 'paper' also work), got {v}")
+    return float(v)
 
 
 class DistillConfig(_Section):
-    teacher: str | None = None  # teacher checkpoint, or a knowledge-store directory
+    teacher: Name | None = None  # teacher checkpoint, or a knowledge-store directory
     teacher_model: dict[str, Any] | None = None  # spec for a plain torchvision state dict
     methods: list[MethodConfig] = Field(default_factory=list)
-    levels: list[str] | None = None  # default: every level teacher and student share
+    levels: list[Name] | None = Field(None, min_length=1)  # default: every level teacher and student share
     inherit: bool = False  # copy the teacher's neck and heads into the student where shapes match
     # A store selection policy applied to a live teacher (e.g. {name: nms-ksd, channel_group: 4}):
     # the stored loss without the store, to tell selection effects from storage effects.
@@ -101,8 +119,9 @@ class DistillConfig(_Section):
     auto_measure: Literal["grad", "loss"] = DEFAULT_MEASURE  # `auto` balances gradient norms or loss values
     calibration_steps: int = Field(DEFAULT_STEPS, ge=1)  # steps that calibrate `auto` weights
     check_teacher: bool = True  # evaluate the teacher before training and warn if it is weak
-    min_teacher_gain: float = 0.02  # AP the teacher must exceed `expected_student_ap` by, if given
-    expected_student_ap: float | None = None
+    # AP the teacher must exceed `expected_student_ap` by, if given.
+    min_teacher_gain: float = Field(0.02, ge=-1.0, le=1.0)
+    expected_student_ap: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class Recipe(_Section):
@@ -120,15 +139,28 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key such as train.lr")
+        value = parse_value(raw, what=f"override {item!r}")
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
         node[parts[-1]] = value
     return out
+
+
+def parse_value(raw: str, *, what: str) -> Any:
+    """A command-line value as YAML (``[64,128]``, ``null``, ``0.02``); ConfigError naming ``what``."""
+    if raw == "":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what}: the value {raw!r} is not valid YAML ({reason})") from None
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -18,7 +18,7 @@ from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.views import ViewPolicy
 from detkd.engine.tasks import DetectionTask
 from detkd.engine.trainer import LAST, Trainer
-from detkd.errors import ConfigError, DetkdError
+from detkd.errors import ConfigError, DataError, DetkdError
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import load_detector
 from detkd.models.detector import Detector
@@ -59,6 +59,13 @@ def load_data(recipe: Recipe) -> DataBundle:
     for name, src in (("train", train), ("val", val)):
         if len(src) == 0:
             raise DetkdError(f"{d.root}: the {name} split has no usable images\n{src.problems.summary()}")
+        if name == "train" and not any(len(r.labels) for r in src.records):
+            # Every loss would be background-only: a run would "succeed" and learn nothing.
+            limited = f" (the first {d.limit})" if d.limit is not None else ""
+            raise DataError(
+                f"{d.root}: the train split {d.train_split!r} has {len(src)} images{limited} but not one annotated "
+                "object; check the annotation file and data.train_split"
+            )
         if len(src.problems):
             log.warning(
                 "%s split: %d annotation problems (counted, skipped):\n%s",

@@ -34,10 +34,10 @@ class Row:
 
 def method_entry(spec: str) -> str:
     """``ssim`` -> ``{name: ssim}``; ``ssim:paper`` / ``ssim:2.5`` also set the weight (YAML flow mapping)."""
-    from detkd.commands.distill import parse_weight
+    from detkd.commands.distill import method_weight
 
     name, _, weight = spec.partition(":")
-    return f"{{name: {name}, weight: {parse_weight(weight, spec)}}}" if weight else f"{{name: {name}}}"
+    return f"{{name: {name}, weight: {method_weight(weight, item=spec)}}}" if weight else f"{{name: {name}}}"
 
 
 def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:

@@ -35,7 +35,11 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from detkd.data.inspect import format_report, inspect_dataset
+    from detkd.errors import DataError
 
     report = inspect_dataset(args.path, format=args.format, splits=args.splits, decode=not args.no_decode)
     print(format_report(report))
+    bad = report.unreadable_annotations()
+    if bad:  # exit 2: a script checking a data set must not pass one whose annotations do not parse
+        raise DataError(f"{args.path}: annotations that could not be read (see above): " + "; ".join(bad))
     return 0

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def expand_shorthands(items: list[str]) -> list[str]:
     """Turn method=/teacher=/inherit=/args.M.K= into recipe overrides."""
-    from detkd.config import ConfigError
+    from detkd.config import ConfigError, parse_value
 
     out, methods, args = [], [], {}
     for item in items:
@@ -49,9 +49,11 @@ def expand_shorthands(items: list[str]) -> list[str]:
         if key == "method":
             for part in value.split("+"):
                 name, _, weight = part.partition(":")
+                if not name.strip():
+                    raise ConfigError(f"{item!r}: a method name is missing (method=NAME[:WEIGHT][+NAME[:WEIGHT]...])")
                 entry: dict = {"name": name.strip()}
-                if weight:
-                    entry["weight"] = parse_weight(weight, item)
+                if weight.strip():  # omitted: the recipe's default rule
+                    entry["weight"] = method_weight(weight, item=item)
                 methods.append(entry)
         elif key in ("teacher", "inherit", "levels"):
             out.append(f"distill.{key}={value}")
@@ -66,7 +68,7 @@ def expand_shorthands(items: list[str]) -> list[str]:
         import yaml
 
         for m in methods:
-            m["args"] = {k: yaml.safe_load(v) for k, v in args.pop(m["name"], [])}
+            m["args"] = {k: parse_value(v, what=f"args.{m['name']}.{k}={v}") for k, v in args.pop(m["name"], [])}
         if args:
             raise ConfigError(f"arguments given for methods not selected: {sorted(args)}")
         out.append("distill.methods=" + yaml.safe_dump(methods, default_flow_style=True).strip())
@@ -75,22 +77,15 @@ def expand_shorthands(items: list[str]) -> list[str]:
     return out
 
 
-def parse_weight(text: str, item: str) -> float | str:
-    """``auto`` / ``paper`` / a finite number >= 0, else a ConfigError naming the value."""
-    import math
-
-    from detkd.config import ConfigError
+def method_weight(text: str, *, item: str) -> float | str:
+    """The WEIGHT of ``method=NAME:WEIGHT``: ``auto``, ``paper`` or a finite number >= 0."""
+    from detkd.config import ConfigError, method_weight_value
 
     text = text.strip()
-    if text in ("auto", "paper"):
-        return text
     try:
-        value = float(text)
+        return method_weight_value(text if text in ("auto", "paper") else float(text))
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{item!r}: weight {text!r} is not 'auto', 'paper' or a finite number >= 0")
-    return value
+        raise ConfigError(f"{item!r}: method weight {text!r} is not 'auto', 'paper' or a finite number >= 0") from None
 
 
 def run_distill(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.formats.detect import detect_format, list_splits, open_source
+from detkd.data.formats.voc import MALFORMED_FILE
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
@@ -46,6 +47,16 @@ class InspectReport:
     @property
     def num_problems(self) -> int:
         return sum(s.num_problems for s in self.splits)
+
+    def unreadable_annotations(self) -> list[str]:
+        """What makes ``data inspect`` fail: splits that could not be read, annotation files that
+        could not be parsed (their images skipped). Box-level problems and bad images do not."""
+        found = [f"split {m}" for m in self.missing_splits]
+        for s in self.splits:
+            n = s.problems.counts.get(MALFORMED_FILE, 0)
+            if n:
+                found.append(f"split {s.name}: {n} x {MALFORMED_FILE}")
+        return found
 
 
 def inspect_dataset(

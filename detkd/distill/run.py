@@ -11,7 +11,7 @@ from detkd.config import Recipe
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher
+from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher, warn_if_weak_teacher
 from detkd.engine.inference import evaluate
 from detkd.errors import ConfigError, DetkdError
 from detkd.models.checkpoint import file_sha256, load_detector
@@ -165,18 +165,11 @@ def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
     )
     result = evaluate(teacher, loader, bundle.val_source, device=device, progress=False)
     log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, result.AP, result.AP50)
-    if not result.AP >= 0.05:  # also catches NaN (a validation split without ground truth)
-        log.warning(
-            "!!! the teacher's AP is %.4f: is it trained, and is this the right checkpoint? Distilling from "
-            "it will not help the student.",
-            result.AP,
-        )
-    if cfg.expected_student_ap is not None and result.AP < cfg.expected_student_ap + cfg.min_teacher_gain:
-        log.warning(
-            "!!! teacher AP %.4f is not clearly better than the student's expected %.4f (+%.3f): "
-            "distillation is unlikely to help",
-            result.AP,
-            cfg.expected_student_ap,
-            cfg.min_teacher_gain,
-        )
+    warn_if_weak_teacher(
+        result.AP,
+        where=str(cfg.teacher),
+        expected_student_ap=cfg.expected_student_ap,
+        min_gain=cfg.min_teacher_gain,
+        logger=log,
+    )
     return result.AP

@@ -7,6 +7,7 @@ DDP and the optimiser.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Protocol
 
@@ -16,6 +17,42 @@ from torch import Tensor
 from detkd.data.loader import Batch
 from detkd.distill.base import TeacherKnowledge
 from detkd.models.detector import Detector
+
+log = logging.getLogger(__name__)
+
+# Below this validation AP a teacher is almost surely untrained or the wrong checkpoint.
+WEAK_TEACHER_AP = 0.05
+
+
+def warn_if_weak_teacher(
+    ap: float | None,
+    *,
+    where: str,
+    expected_student_ap: float | None = None,
+    min_gain: float = 0.02,
+    logger: logging.Logger | None = None,
+) -> list[str]:
+    """Log (WARNING, "!!!") and return the weak-teacher warnings for a teacher of validation AP ``ap``.
+
+    One text for every path (online run, store build, stored run); ``where`` says which teacher
+    (a checkpoint path or store directory). ``ap`` None (not measured) warns nothing; NaN warns.
+    """
+    messages = []
+    if ap is None:
+        return messages
+    if not ap >= WEAK_TEACHER_AP:  # also catches NaN (a validation split without ground truth)
+        messages.append(
+            f"!!! the teacher's AP is {ap:.4f} ({where}): is it trained, and is this the right checkpoint? "
+            "Distilling from it will not help the student."
+        )
+    if expected_student_ap is not None and not ap >= expected_student_ap + min_gain:
+        messages.append(
+            f"!!! teacher AP {ap:.4f} ({where}) is not clearly better than the student's expected "
+            f"{expected_student_ap:.4f} (+{min_gain:.3f}): distillation is unlikely to help"
+        )
+    for m in messages:
+        (logger or log).warning("%s", m)
+    return messages
 
 
 class TeacherSource(Protocol):

@@ -23,14 +23,15 @@ from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, set_epoch
 from detkd.engine.inference import evaluate
 from detkd.engine.optim import build_optimizer, build_scheduler
-from detkd.engine.run_log import RunLogger, plot_run
+from detkd.engine.run_log import RunLogger, plot_run, read_metrics
 from detkd.errors import DetkdError
-from detkd.models.checkpoint import read_checkpoint, save_checkpoint
+from detkd.models.checkpoint import checkpoint_weights, read_checkpoint, remove_stale_temps, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
+RESUME_KEYS = ("epoch", "best_ap", "history", "optimizer", "scheduler", "scaler", "task_extra")
 
 
 class Trainer:
@@ -100,6 +101,7 @@ class Trainer:
         self.start_epoch = 0
         self.best_ap = -1.0
         self.history: list[dict] = []
+        self.resumed_metrics: dict | None = None  # the last finished epoch's metrics, after resume()
 
     @property
     def is_main(self) -> bool:
@@ -137,13 +139,19 @@ class Trainer:
     def resume(self) -> bool:
         """Load ``last.pt`` of the run directory if there is one; True when resumed."""
         path = self.out_dir / LAST
+        if self.is_main:
+            for tmp in remove_stale_temps(self.out_dir):
+                log.info("removed %s, a partial checkpoint of the interrupted run", tmp)
         if not path.is_file():
             return False
         payload = read_checkpoint(path)
         state = payload.get("train_state")
-        if state is None:
+        if not isinstance(state, dict):
             raise DetkdError(f"{path}: checkpoint holds no training state, cannot resume")
-        self.student.model.load_state_dict(payload["model"])
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise DetkdError(f"{path}: training state lacks {', '.join(missing)}, cannot resume")
+        self.student.model.load_state_dict(checkpoint_weights(path, payload))
         self.task.load_extra_state(state["task_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -151,6 +159,7 @@ class Trainer:
         self.start_epoch = state["epoch"] + 1
         self.best_ap = state["best_ap"]
         self.history = state["history"]
+        self.resumed_metrics = dict(payload.get("metrics") or {})
         log.info("resumed from %s after epoch %d", path, state["epoch"])
         return True
 
@@ -162,6 +171,15 @@ class Trainer:
             logger.truncate_after(self.start_epoch - 1)
         step = self.start_epoch * len(self.train_loader)
         final: dict = {}
+        if self.start_epoch >= self.epochs and self.resumed_metrics is not None:
+            # Resumed after the final checkpoint: a kill may have come before the end-of-run files.
+            try:
+                if logger is not None:
+                    self._finish_run(self.epochs - 1, self.resumed_metrics, logger)
+            finally:
+                if logger is not None:
+                    logger.close()
+            return dict(self.resumed_metrics) if self.is_main else {}
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 torch.manual_seed(self.seed * 100_003 + epoch)
@@ -205,9 +223,7 @@ class Trainer:
             self.best_ap = ap
             self._save(BEST, epoch, with_state=False, metrics=metrics)
         self._save(LAST, epoch, with_state=True, metrics=metrics)
-        logger.log_metrics(epoch, metrics)
-        plot_run(self.out_dir)
-        (self.out_dir / "metrics.json").write_text(json.dumps({"last": metrics, "history": self.history}, indent=2))
+        self._write_run_files(epoch, metrics, logger)
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("AP", "AP50", "voc_map50") if k in metrics)
         log.info(
             "epoch %d/%d done in %.1fs (%.1f img/s)%s",
@@ -217,6 +233,19 @@ class Trainer:
             metrics["images_per_second"],
             f": {shown}" if shown else "",
         )
+
+    def _write_run_files(self, epoch: int, metrics: dict, logger: RunLogger, *, log_metrics: bool = True) -> None:
+        """The files written after an epoch's checkpoint: metrics log, curves, metrics.json."""
+        if log_metrics:
+            logger.log_metrics(epoch, metrics)
+        plot_run(self.out_dir)
+        (self.out_dir / "metrics.json").write_text(json.dumps({"last": metrics, "history": self.history}, indent=2))
+
+    def _finish_run(self, epoch: int, metrics: dict, logger: RunLogger) -> None:
+        """Redo the end-of-run writes of a run whose final checkpoint exists (idempotent)."""
+        logged = any(m.get("epoch") == epoch for m in read_metrics(self.out_dir))
+        self._write_run_files(epoch, metrics, logger, log_metrics=not logged)
+        log.info("run already trained to epoch %d; wrote its end-of-run files", epoch + 1)
 
     def _train_epoch(self, epoch: int, step: int, logger: RunLogger | None) -> tuple[int, int, int]:
         self.model.train()

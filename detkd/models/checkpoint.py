@@ -1,9 +1,18 @@
-"""Detector checkpoints: detkd's own (self-describing) and plain torchvision state dicts."""
+"""Detector checkpoints: detkd's own (self-describing) and plain torchvision state dicts.
+
+Loading never executes code: ``torch.load(weights_only=True)`` accepts tensors and plain
+containers only (plus detkd's own ``DetectorSpec`` dataclass, which checkpoints before the
+spec was stored as a dict carry). Anything else is refused naming the file.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import pickle
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,36 +24,110 @@ from detkd.models.detector import Detector
 
 FORMAT = "detkd-detector"
 VERSION = 1
+TMP_SUFFIX = ".tmp"  # ``last.pt`` is written as ``last.pt.tmp`` and renamed into place
+
+# The only non-plain type a detkd checkpoint may hold: old checkpoints pickled the spec dataclass.
+SAFE_GLOBALS = [DetectorSpec]
 
 
 def save_checkpoint(path: str | Path, detector: Detector, *, class_names: list[str], extra: dict | None = None) -> None:
-    """Write atomically (temp file + rename): a killed run never leaves a truncated checkpoint."""
+    """Write atomically (temp file + rename): a killed run never leaves a truncated checkpoint.
+
+    Everything saved must load with ``weights_only=True``: the spec is a plain dict. A failed
+    write removes its temp file and raises OSError naming ``path`` (the CLI prints e.g.
+    "<path>: no space left on device").
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = detector.spec.to_dict() if isinstance(detector.spec, DetectorSpec) else dict(detector.spec)
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "spec": detector.spec,
+        "spec": spec,
         "class_names": list(class_names),
         "model": detector.model.state_dict(),
         **(extra or {}),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        # Through a Python file object, not a path: a failed write then raises OSError with its
+        # errno (ENOSPC, ...) instead of torch's opaque "unexpected pos" RuntimeError.
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except RuntimeError as exc:  # torch's writer can still fail on its own; say what we know
+        _remove(tmp)
+        if _disk_full(path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise DetkdError(f"{path}: cannot write checkpoint ({exc})") from exc
+    except BaseException:  # KeyboardInterrupt included: never leave a partial temp file behind
+        _remove(tmp)
+        raise
+    remove_stale_temps(path.parent)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete ``*.pt.tmp`` left by a save that was killed (a kill -9 skips the cleanup above)."""
+    removed = []
+    for tmp in Path(directory).glob(f"*.pt{TMP_SUFFIX}"):
+        if _remove(tmp):
+            removed.append(tmp)
+    return removed
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's payload, loaded without executing any code from the file."""
     path = Path(path)
     if not path.is_file():
         raise DetkdError(f"{path}: checkpoint file not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise DetkdError(f"{path}: {_refusal(str(exc))}") from None
+        raise DetkdError(f"{path}: cannot read checkpoint (UnpicklingError: {exc})") from None
     except Exception as exc:  # torch raises many types for a corrupt file
         raise DetkdError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict):
         raise DetkdError(f"{path}: not a checkpoint (got {type(payload).__name__})")
+    if isinstance(payload.get("spec"), DetectorSpec):  # an old detkd checkpoint
+        payload["spec"] = payload["spec"].to_dict()
     return payload
+
+
+def _refusal(message: str) -> str:
+    """torch's weights-only error, said in one line: what was found and why it is refused."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if found:
+        what = f"a reference to {found.group(1)}"
+    else:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+        what = f"pickle data that is not plain ({detail.group(1).strip() if detail else 'unsupported'})"
+    return (
+        f"refusing to unpickle arbitrary objects: the file holds {what}, not only tensors and plain data "
+        "(loading it could run code; detkd loads weights only)"
+    )
 
 
 def load_detector(path: str | Path, *, spec: DetectorSpec | dict | None = None) -> tuple[Detector, dict]:
@@ -55,12 +138,12 @@ def load_detector(path: str | Path, *, spec: DetectorSpec | dict | None = None) 
     """
     payload = read_checkpoint(path)
     if payload.get("format") == FORMAT:
-        ckpt_spec = DetectorSpec.from_dict(payload["spec"])
+        ckpt_spec = checkpoint_spec(path, payload)
         if spec is not None:
             wanted = spec if isinstance(spec, DetectorSpec) else DetectorSpec.from_dict(spec)
             _check_same_architecture(path, wanted, ckpt_spec)
         detector = build_detector(ckpt_spec)
-        load_state_dict(detector.model, payload["model"], source=path)
+        load_state_dict(detector.model, checkpoint_weights(path, payload), source=path)
         return detector, payload
     if spec is None:
         raise DetkdError(
@@ -73,10 +156,33 @@ def load_detector(path: str | Path, *, spec: DetectorSpec | dict | None = None) 
     return detector, {"format": "torchvision", "spec": detector.spec, "class_names": None}
 
 
+def checkpoint_spec(path: str | Path, payload: dict) -> DetectorSpec:
+    """The detector spec a detkd checkpoint carries; DetkdError naming the file when absent or bad."""
+    raw = payload.get("spec")
+    if raw is None:
+        raise DetkdError(f"{path}: detkd checkpoint without 'spec': it does not say which detector to build")
+    if not isinstance(raw, dict):
+        raise DetkdError(f"{path}: checkpoint 'spec' is a {type(raw).__name__}, expected a mapping")
+    try:
+        return DetectorSpec.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise DetkdError(f"{path}: invalid detector spec in checkpoint ({exc})") from None
+
+
+def checkpoint_weights(path: str | Path, payload: dict) -> dict:
+    """The model state dict of a detkd checkpoint; DetkdError naming the file when absent."""
+    state = payload.get("model")
+    if not isinstance(state, dict):
+        raise DetkdError(f"{path}: detkd checkpoint without model weights ('model' state dict)")
+    return state
+
+
 def load_state_dict(model: nn.Module, state: dict, *, source: str | Path) -> None:
     """Strict load that tolerates DDP ``module.`` and detkd ``model.`` prefixes and names the problem."""
     cleaned = {}
     for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise DetkdError(f"{source}: weights do not fit the detector: {k!r} is a {type(v).__name__}, not a tensor")
         for prefix in ("module.", "model."):
             if k.startswith(prefix):
                 k = k[len(prefix) :]

@@ -168,9 +168,9 @@ def test_bench_accuracy_with_stored_and_selected_rows(tmp_path, synth, capsys):
     for row in ("student", "fitnet (online)", "fitnet (stored)", "fitnet (selected online)"):
         assert f"| {row} | 1 |" in table
     assert "teacher AP" in table
-    run = torch.load(out / "fitnet_selected_online-seed0" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    run = torch.load(out / "fitnet_selected_online-seed0" / "last.pt", map_location="cpu", weights_only=True)["run"]
     assert run["online_selection"]["channel_group"] == 2 and run["stored"] is False
-    stored = torch.load(out / "fitnet_stored-seed0" / "last.pt", map_location="cpu", weights_only=False)["run"]
+    stored = torch.load(out / "fitnet_stored-seed0" / "last.pt", map_location="cpu", weights_only=True)["run"]
     assert stored["stored"] is True
 
 

@@ -91,21 +91,24 @@ def test_item_problems_are_counted_and_skipped(tmp_path):
         ("<html></html>", "not a VOC annotation"),
     ],
 )
-def test_fatal_xml_raises_naming_the_file(tmp_path, text, message):
+def test_bad_xml_skips_its_image_naming_the_file(tmp_path, text, message):
+    # One bad xml costs its image only (counted and named), like a corrupt image: not the data set.
     _xml(tmp_path, "a", [("cat", (1, 1, 8, 8), 0)])
+    _xml(tmp_path, "b", [("cat", (1, 1, 8, 8), 0)])
     (tmp_path / "Annotations" / "a.xml").write_text(text)
-    _split(tmp_path, "train", ["a"])
-    with pytest.raises(DataError, match=f"a.xml: {message}"):
-        VocSource(tmp_path, split="train", class_names=["cat"])
+    _split(tmp_path, "train", ["a", "b"])
+    src = VocSource(tmp_path, split="train", class_names=["cat"])
+    assert [r.file.stem for r in src.records] == ["b"]
+    assert dict(src.problems.counts) == {"malformed annotation file": 1}
+    assert f"a.xml: {message}" in src.problems.summary() and "image skipped" in src.problems.summary()
 
 
-def test_malformed_xml_outside_the_split_still_fails_class_discovery(tmp_path):
+def test_malformed_xml_outside_the_split_is_left_out_of_class_discovery(tmp_path):
     _xml(tmp_path, "a", [("cat", (1, 1, 8, 8), 0)])
     (tmp_path / "Annotations" / "other.xml").write_text("<annotation><object>")
     _split(tmp_path, "train", ["a"])
-    with pytest.raises(DataError, match="other.xml: malformed xml"):
-        VocSource(tmp_path, split="train")
-    assert len(VocSource(tmp_path, split="train", class_names=["cat"])) == 1  # given names: not parsed
+    src = VocSource(tmp_path, split="train")
+    assert src.class_names == ["cat"] and len(src) == 1 and len(src.problems) == 0
 
 
 def test_missing_split_file(tmp_path):

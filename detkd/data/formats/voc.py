@@ -20,6 +20,9 @@ from detkd.errors import DataError
 
 __all__ = ["VocSource", "stable_image_id", "IMAGE_SUFFIXES", "read_split_file"]
 
+# The problem kind of an annotation file that could not be read or parsed (its image is skipped).
+MALFORMED_FILE = "malformed annotation file"
+
 
 @dataclass
 class _Object:
@@ -51,15 +54,17 @@ class VocSource(DetectionSource):
         problems = ProblemLog()
         ann_dir, image_dir = root / "Annotations", root / "JPEGImages"
         stems = read_split_file(root / "ImageSets" / "Main" / f"{split}.txt")
-        parsed: dict[str, _Annotation | None] = {}
+        # One unreadable xml costs its image only (counted, reported by name), as a corrupt image does.
+        parsed: dict[str, _Annotation | DataError | None] = {}
         for stem in stems:
             xml = ann_dir / f"{stem}.xml"
-            parsed[stem] = _parse_xml(xml) if xml.is_file() else None
+            parsed[stem] = _try_parse(xml) if xml.is_file() else None
         if class_names is None:
             names: set[str] = set()
             for xml in sorted(ann_dir.glob("*.xml")):
-                ann = parsed.get(xml.stem) or _parse_xml(xml)
-                names.update(o.name for o in ann.objects if o.name)
+                ann = parsed.get(xml.stem) or _try_parse(xml)
+                if isinstance(ann, _Annotation):  # a bad file is reported by the split that lists it
+                    names.update(o.name for o in ann.objects if o.name)
             class_names = sorted(names)
         label_of = {n: i + 1 for i, n in enumerate(class_names)}
 
@@ -68,6 +73,10 @@ class VocSource(DetectionSource):
             xml = ann_dir / f"{stem}.xml"
             if ann is None:
                 problems.add("missing annotation", xml, f"listed in {split}.txt but not found, image skipped")
+                continue
+            if isinstance(ann, DataError):
+                reason = str(ann).removeprefix(f"{xml}: ")
+                problems.add(MALFORMED_FILE, xml, f"{reason}, image skipped")
                 continue
             file = _find_image(image_dir, stem, ann.file_name)
             size = checked_size(file, height=ann.height, width=ann.width, problems=problems, report_file=xml)
@@ -129,6 +138,13 @@ def _find_image(folder: Path, stem: str, file_name: str | None) -> Path:
             if cand.is_file():
                 return cand
     return folder / f"{stem}.jpg"
+
+
+def _try_parse(path: Path) -> _Annotation | DataError:
+    try:
+        return _parse_xml(path)
+    except DataError as exc:
+        return exc
 
 
 def _parse_xml(path: Path) -> _Annotation:
