@@ -6,13 +6,17 @@ arguments; this module only maps a recipe onto them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, WEIGHT_RULES
 from detkd.errors import ConfigError
+
+DEFAULT_METHOD_WEIGHT = "paper"  # until `auto` is measured on the benchmarks (see README)
 
 
 class _Section(BaseModel):
@@ -79,8 +83,27 @@ class TrainConfig(_Section):
 
 class MethodConfig(_Section):
     name: Name
-    weight: float = Field(1.0, ge=0.0)  # multiplies every loss term of the method
+    # auto: calibrated so the method's push on the student's features is distill.auto_ratio times the
+    # detection loss's (detkd.distill.balance); paper: the published weight as is; a number: a fixed
+    # multiplier of the paper-weighted loss.
+    weight: Literal["auto", "paper"] | float = DEFAULT_METHOD_WEIGHT
     args: dict[str, Any] = Field(default_factory=dict)  # method keyword arguments
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight(cls, v: Any) -> float | str:
+        return method_weight_value(v)
+
+
+def method_weight_value(v: Any) -> float | str:
+    """A method weight: "auto", "paper" or a finite number >= 0 (ValueError otherwise)."""
+    if v in WEIGHT_RULES:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"a method weight is 'auto', 'paper' or a finite number >= 0, got {v!r}")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"a method weight must be a finite number >= 0 ('auto' or 'paper' also work), got {v}")
+    return float(v)
 
 
 class DistillConfig(_Section):
@@ -92,6 +115,9 @@ class DistillConfig(_Section):
     # A store selection policy applied to a live teacher (e.g. {name: nms-ksd, channel_group: 4}):
     # the stored loss without the store, to tell selection effects from storage effects.
     online_selection: dict[str, Any] | None = None
+    auto_ratio: float = Field(DEFAULT_RATIO, gt=0, allow_inf_nan=False)  # `auto`: method / detection push
+    auto_measure: Literal["grad", "loss"] = DEFAULT_MEASURE  # `auto` balances gradient norms or loss values
+    calibration_steps: int = Field(DEFAULT_STEPS, ge=1)  # steps that calibrate `auto` weights
     check_teacher: bool = True  # evaluate the teacher before training and warn if it is weak
     # AP the teacher must exceed `expected_student_ap` by, if given.
     min_teacher_gain: float = Field(0.02, ge=-1.0, le=1.0)

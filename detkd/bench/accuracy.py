@@ -14,17 +14,30 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from detkd.bench.results import ap_summary, provenance, write_json
 from detkd.config import load_recipe
 
 log = logging.getLogger(__name__)
 
 
+KINDS = {"online": "methods", "stored": "stored", "selected online": "selected"}  # row kind -> JSON group
+
+
 @dataclass(frozen=True)
 class Row:
-    name: str  # e.g. "student", "fitnet (online)", "fitnet (stored)"
-    method: str | None  # None = the student alone
+    name: str  # e.g. "student", "fitnet (online)", "fitnet (stored)", "ssim:paper (online)"
+    method: str | None  # METHOD[:WEIGHT]; None = the student alone
     teacher: str | None  # checkpoint or store directory
     extra: tuple[str, ...] = ()  # row-specific recipe overrides
+    kind: str = "online"  # online | stored | selected online
+
+
+def method_entry(spec: str) -> str:
+    """``ssim`` -> ``{name: ssim}``; ``ssim:paper`` / ``ssim:2.5`` also set the weight (YAML flow mapping)."""
+    from detkd.commands.distill import method_weight
+
+    name, _, weight = spec.partition(":")
+    return f"{{name: {name}, weight: {method_weight(weight, item=spec)}}}" if weight else f"{{name: {name}}}"
 
 
 def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
@@ -37,7 +50,7 @@ def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: 
         return json.loads(done.read_text())["last"]
     extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides, *row.extra]
     if row.method is not None:
-        extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{{name: {row.method}}}]"]
+        extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{method_entry(row.method)}]"]
     recipe = load_recipe(recipe_path, extra)
     resume = (run_dir / "last.pt").is_file()
     if row.method is None:
@@ -98,22 +111,28 @@ def run_accuracy(
     out_dir: str | Path,
     overrides: list[str] | None = None,
     selected: bool = False,
+    json_path: str | Path | None = None,
 ) -> list[dict]:
     """``selected`` adds "M (selected online)" rows: the store's selection applied to the live
     teacher, i.e. the stored loss without the store (tells selection from storage effects)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for m in methods:  # a typo fails now, not after the student's run
+        method_entry(m)
     rows = [Row("student", None, None)]
     rows += [Row(f"{m} (online)", m, teacher) for m in methods]
     if store:
-        rows += [Row(f"{m} (stored)", m, store) for m in methods]
+        rows += [Row(f"{m} (stored)", m, store, kind="stored") for m in methods]
     if selected:
         if not store:
             raise ValueError("selected rows take the selection policy of a store: give --store")
         from detkd.store.reader import StoreReader
 
         policy = json.dumps(StoreReader(store).policy.to_dict())
-        rows += [Row(f"{m} (selected online)", m, teacher, (f"distill.online_selection={policy}",)) for m in methods]
+        rows += [
+            Row(f"{m} (selected online)", m, teacher, (f"distill.online_selection={policy}",), kind="selected online")
+            for m in methods
+        ]
     results: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: a partial benchmark already has every row once
         for row in rows:
@@ -127,4 +146,47 @@ def run_accuracy(
             table = summarise(results)
             (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": results}, indent=2, default=str))
             (out / "accuracy.md").write_text(format_table(table))
+    if json_path is not None:
+        write_json(json_path, accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds))
     return summarise(results)
+
+
+def accuracy_payload(
+    rows: list[Row], results: dict[str, list[dict]], *, recipe: str, teacher: str, store: str | None, seeds: list[int]
+) -> dict:
+    """The committed-results schema: provenance, ``student`` and ``methods.<spec>`` (plus ``stored`` /
+    ``selected`` groups when run), each ``{"ap": [AP x100 per seed], "mean", "spread", ...}``.
+
+    ``beats_student``: the mean exceeds the student's mean by more than the student's spread
+    (the project's rule for claiming a gain).
+    """
+    from detkd.models.checkpoint import read_checkpoint
+
+    teacher_ap = (read_checkpoint(teacher).get("metrics") or {}).get("AP")
+    student = ap_summary([r.get("AP") for r in results["student"]])
+    payload: dict = {
+        **provenance(),
+        "recipe": recipe,
+        "seeds": list(seeds),
+        "teacher": {"checkpoint": teacher, "ap": None if teacher_ap is None else round(100 * teacher_ap, 2)},
+        "store": store,
+        "student": {**student, "epoch_seconds": _mean_of(results["student"], "epoch_seconds")},
+    }
+    for row in rows[1:]:
+        runs = results.get(row.name, [])
+        entry = ap_summary([r.get("AP") for r in runs])
+        gain = None if entry["mean"] is None or student["mean"] is None else round(entry["mean"] - student["mean"], 2)
+        entry.update(
+            vs_student=gain,
+            beats_student=None if gain is None or student["spread"] is None else gain > student["spread"],
+            epoch_seconds=_mean_of(runs, "epoch_seconds"),
+            weights=[r.get("distill_weights") for r in runs],
+            errors=[r["error"] for r in runs if "error" in r],
+        )
+        payload.setdefault(KINDS[row.kind], {})[row.method] = entry
+    return payload
+
+
+def _mean_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return round(statistics.mean(values), 2) if values else None

@@ -38,11 +38,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also run each method online with the store's cell selection (the stored loss without the store)",
     )
-    a.add_argument("--methods", nargs="+", default=["fitnet"])
-    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    a.add_argument("--out", default="runs/bench-accuracy")
+    a.add_argument(
+        "--methods",
+        nargs="+",
+        default=["fitnet"],
+        help="METHOD or METHOD:WEIGHT (WEIGHT: auto, paper or a number), e.g. ssim ssim:paper (default: fitnet)",
+    )
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default: 0 1)")
+    a.add_argument("--out", default="runs/bench-accuracy", help="run directories (reused: a rerun resumes)")
+    a.add_argument(
+        "--json",
+        default=None,
+        help="write the committed-results JSON here (command, commit, date, machine, AP x100 per seed)",
+    )
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
+
+    r = bsub.add_parser("readme", help="regenerate README's results tables from benchmarks/results/*.json")
+    r.add_argument("--readme", default="README.md", help="README to update (default: README.md)")
+    r.add_argument("--results", default="benchmarks/results", help="results directory (default: benchmarks/results)")
+    r.add_argument("--check", action="store_true", help="only report tables that are out of date (exit 1)")
+    r.set_defaults(func=run_readme_cmd)
 
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
@@ -82,9 +98,23 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         out_dir=args.out,
         overrides=args.overrides,
         selected=args.selected,
+        json_path=args.json,
     )
     from detkd.models.checkpoint import read_checkpoint
 
     teacher_ap = (read_checkpoint(args.teacher).get("metrics") or {}).get("AP")  # as evaluated when it was saved
     print(format_table(table, teacher_ap=teacher_ap))
+    if args.json:
+        print(f"results written to {args.json}")
+    return 0
+
+
+def run_readme_cmd(args: argparse.Namespace) -> int:
+    from detkd.bench.tables import update_readme
+
+    stale = update_readme(args.readme, args.results, check=args.check)
+    if args.check and stale:
+        print(f"{args.readme}: tables out of date for {', '.join(stale)}; run `detkd bench readme`")
+        return 1
+    print(f"{args.readme}: {'up to date' if not stale else 'updated ' + ', '.join(stale)}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
 
 
@@ -15,6 +14,8 @@ def _epilog() -> str:
     lines += [
         "",
         "shorthands: method=NAME[:WEIGHT][+NAME[:WEIGHT]...]  teacher=CHECKPOINT_OR_STORE_DIR  inherit=true",
+        "            WEIGHT: auto (default: gradient-balanced against the detection loss), paper (the published",
+        "            weight), or a number (a fixed multiplier of the published weight)",
         "            args.NAME.KEY=VALUE sets a method keyword argument (e.g. args.ssim.window_size=7)",
         "examples:",
         "  detkd distill configs/shapes_student.yaml method=fitnet teacher=runs/teacher/best.pt",
@@ -50,7 +51,10 @@ def expand_shorthands(items: list[str]) -> list[str]:
                 name, _, weight = part.partition(":")
                 if not name.strip():
                     raise ConfigError(f"{item!r}: a method name is missing (method=NAME[:WEIGHT][+NAME[:WEIGHT]...])")
-                methods.append({"name": name.strip(), "weight": method_weight(weight, item=item)})
+                entry: dict = {"name": name.strip()}
+                if weight.strip():  # omitted: the recipe's default rule
+                    entry["weight"] = method_weight(weight, item=item)
+                methods.append(entry)
         elif key in ("teacher", "inherit", "levels"):
             out.append(f"distill.{key}={value}")
         elif key.startswith("args."):
@@ -73,19 +77,15 @@ def expand_shorthands(items: list[str]) -> list[str]:
     return out
 
 
-def method_weight(text: str, *, item: str) -> float:
-    """The WEIGHT of ``method=NAME:WEIGHT``: a finite number >= 0 (1 when omitted)."""
-    from detkd.config import ConfigError
+def method_weight(text: str, *, item: str) -> float | str:
+    """The WEIGHT of ``method=NAME:WEIGHT``: ``auto``, ``paper`` or a finite number >= 0."""
+    from detkd.config import ConfigError, method_weight_value
 
-    if not text.strip():
-        return 1.0
+    text = text.strip()
     try:
-        weight = float(text)
+        return method_weight_value(text if text in ("auto", "paper") else float(text))
     except ValueError:
-        weight = math.nan
-    if not math.isfinite(weight) or weight < 0:
-        raise ConfigError(f"{item!r}: method weight {text!r} is not a finite number >= 0")
-    return weight
+        raise ConfigError(f"{item!r}: method weight {text!r} is not 'auto', 'paper' or a finite number >= 0") from None
 
 
 def run_distill(args: argparse.Namespace) -> int:

@@ -73,9 +73,10 @@ class FGD(DistillMethod):
         adapter_init: adapter initialisation, PyTorch default (as the reference's plain Conv2d).
 
     Deviations from the reference code: the fg box covers exactly the cells it touches
-    (``[floor(x0/s), ceil(x1/s))``; the reference adds one more row and column and indexes the
-    mask with x and y swapped); boxes are projected with the stride, not the padded width
-    (FGD pitfall). Teacher features compressed by channel grouping are not supported.
+    (``[floor(x0/s), ceil(x1/s))``), a documented choice: the reference's mask (rows from y,
+    columns from x, as fixed upstream after its first commit) takes one more row and column
+    outside each box. Boxes are projected with the stride, not the padded width (FGD pitfall).
+    Teacher features compressed by channel grouping are not supported.
     """
 
     needs = frozenset({"features", "boxes"})

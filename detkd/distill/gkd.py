@@ -17,6 +17,7 @@ from detkd.distill.masks import box_cell_ranges, channel_attention, gt_boxes, sp
 IMPORTANCE_MODES = ("signed", "abs")
 GKD_MODES = ("gkd", "parity")
 CAM_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image: (x - min) / (max + 1e-7)
+CAM_TARGETS = ("gt", "predictions")
 
 
 def importance_maps(
@@ -139,7 +140,8 @@ class GKD(DistillMethod):
     Grad-CAM maps from ``ctx.extras["student_importance"]`` ({level: [N, 1, H, W]}). Both maps
     are constants, so this term trains nothing by itself (no gradient reaches the student;
     in the released code the signal is the detection loss plus inherited neck/head weights).
-    For parity also compute the teacher maps with ``channel_mode=activation_mode="abs"``.
+    In parity mode a live teacher builds its Grad-CAM like the released code (``|dL/dA|`` channel
+    weights on ``|A|``, see ``teacher_importance_mode``), matching the student's maps.
 
     Args:
         levels: levels to distill (reference: P3-P7 one-stage, P2-P5 two-stage).
@@ -160,6 +162,10 @@ class GKD(DistillMethod):
         channel_temperature: tau, 0.5. channel_normalize: scale w by max |w| first, True.
         adapter: "auto" (released code: 1x1 conv only where widths differ) or a
             ``build_adapter`` kind. adapter_init: PyTorch default.
+        cam_targets: what the live teacher's Grad-CAM loss is taken against: "gt" (default, the
+            ground-truth boxes of the batch) or "predictions" (its own top ``cam_topk`` detections
+            above ``cam_score``, 10 and 0.3, the released code's pseudo ground truth). A store
+            built with ``--importance`` holds ground-truth maps.
 
     Deviations from the released code: importance maps are computed on the training batch
     itself (no re-read, test-resized, unflipped image); BMFI boxes use ``box / stride`` with the
@@ -185,10 +191,25 @@ class GKD(DistillMethod):
         channel_normalize: bool = True,
         adapter: str = "auto",
         adapter_init: str = "default",
+        cam_targets: str = "gt",
+        cam_topk: int = 10,
+        cam_score: float = 0.3,
     ) -> None:
         super().__init__(levels=levels)
         if mode not in GKD_MODES:
             raise ValueError(f"gkd: mode {mode!r} unknown; choose one of {GKD_MODES}")
+        if cam_targets not in CAM_TARGETS:
+            raise ValueError(f"gkd: cam_targets {cam_targets!r} unknown; choose one of {CAM_TARGETS}")
+        if cam_topk < 1:
+            raise ValueError(f"gkd: cam_topk must be at least 1, got {cam_topk}")
+        # How a live teacher builds its Grad-CAM for this method (read by the teacher source).
+        self.teacher_importance_mode: dict = {}
+        if mode == "parity":
+            self.teacher_importance_mode.update(channel_mode="abs", activation_mode="abs")
+        if cam_targets == "predictions":
+            self.teacher_importance_mode.update(
+                targets="predictions", topk=int(cam_topk), score_thresh=float(cam_score)
+            )
         if temperature <= 0 or channel_temperature <= 0:
             raise ValueError(f"gkd: temperatures must be positive, got {temperature}, {channel_temperature}")
         self.mode = mode

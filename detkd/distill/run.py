@@ -138,7 +138,16 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
         from detkd.store.replay import check_methods_for_policy
 
         check_methods_for_policy(teacher.policy, methods, levels=teacher.levels, importance=False)
-    task = DistillationTask(student, methods=methods, weights=weights, teacher=teacher, levels=list(levels))
+    task = DistillationTask(
+        student,
+        methods=methods,
+        weights=weights,
+        teacher=teacher,
+        levels=list(levels),
+        auto_ratio=cfg.auto_ratio,
+        auto_measure=cfg.auto_measure,
+        calibration_steps=cfg.calibration_steps,
+    )
     if rank == 0:
         prepare_run_dir(recipe, resume=resume)
     loaders = make_loaders(

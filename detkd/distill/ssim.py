@@ -17,6 +17,7 @@ from detkd.distill.adapters import LevelAdapters, teacher_feature
 from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
 
 NORMALIZE_MODES = ("image", "channel")
+SMALL_MAP_MODES = ("zeros", "shrink")
 
 
 def gaussian_window(size: int, sigma: float, *, device=None) -> Tensor:
@@ -27,11 +28,12 @@ def gaussian_window(size: int, sigma: float, *, device=None) -> Tensor:
 
 
 def effective_window(window_size: int, height: int, width: int) -> int:
-    """The window actually used on an H x W map: the largest odd size <= min(window_size, H, W).
+    """``small_maps="shrink"``: the largest odd window <= min(window_size, H, W).
 
     Reflect padding needs pad < size on each axis; shrinking the window (same sigma, the
-    truncated Gaussian renormalised) never crashes and never invents border values. A 1x1 or
-    2xN map gets a 1x1 window: SSIM then reduces to the pointwise luminance term.
+    truncated Gaussian renormalised) never crashes and never invents border values, but a 1x1
+    or 2xN map gets a 1x1 window, where SSIM degenerates to the pointwise luminance term (no
+    contrast, no structure). That is why it is no longer the default.
     """
     k = min(window_size, height, width)
     return k if k % 2 == 1 else k - 1
@@ -55,23 +57,34 @@ def ssim_map(
     k2: float = 0.03,
     data_range: float = 1.0,
     eps: float = 1e-12,
+    small_maps: str = "zeros",
 ) -> Tensor:
     """Per-channel, per-position SSIM of two [N, C, H, W] maps (kornia's closed form), fp32.
 
     Local statistics use a Gaussian window applied as two depthwise (grouped) 1-D convolutions
-    after reflect padding ("same" output size, as kornia's ``filter2d``).
+    after reflect padding ("same" output size, as kornia's ``filter2d``). Reflect padding needs
+    the map to be larger than half the window; on smaller maps (P6/P7 of a small image)
+    ``small_maps`` decides: "zeros" keeps the full window and pads with zeros, so every level
+    keeps its contrast and structure terms (default); "shrink" uses ``effective_window``.
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim needs two NCHW maps of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     with torch.autocast(device_type=x.device.type, enabled=False):  # variances of small numbers: fp32 only
         x, y = x.float(), y.float()
         n, c, h, w = x.shape
-        k = effective_window(window_size, h, w)
+        k, mode = window_size, "reflect"
+        if window_size // 2 >= min(h, w):  # reflect padding impossible: the map is smaller than the window
+            if small_maps == "shrink":
+                k = effective_window(window_size, h, w)
+            elif small_maps == "zeros":
+                mode = "constant"
+            else:
+                raise ValueError(f"ssim: small_maps {small_maps!r} unknown; choose one of {SMALL_MAP_MODES}")
         pad = k // 2
         g = gaussian_window(k, sigma, device=x.device)
         stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # one filtering pass for all 5 moments
         if pad:
-            stacked = F.pad(stacked, (pad, pad, pad, pad), mode="reflect")
+            stacked = F.pad(stacked, (pad, pad, pad, pad), mode=mode)
         groups = stacked.shape[1]
         stacked = F.conv2d(stacked, g.reshape(1, 1, 1, k).expand(groups, 1, 1, k), groups=groups)
         stacked = F.conv2d(stacked, g.reshape(1, 1, k, 1).expand(groups, 1, k, 1), groups=groups)
@@ -106,7 +119,7 @@ class SSIMKD(DistillMethod):
         levels: levels to distill (reference: all neck outputs).
         weight: lambda, 2.0. The paper's ablation finds 2 and 4 best, within ~0.5 AP of each
             other; 2 is the smaller of the two (the safer start next to the detection loss).
-        window_size: Gaussian window, 11 (shrunk on small maps, see ``effective_window``).
+        window_size: Gaussian window, 11.
         sigma: window sigma, 1.5 (kornia fixes it).
         k1, k2: SSIM constants, 0.01 and 0.03.
         normalize: psi's axes, "image" (default [I]: per image over C, H, W) or "channel"
@@ -115,9 +128,10 @@ class SSIMKD(DistillMethod):
             for cross-architecture pairs), "identity" to switch it off (widths must match),
             or "auto" (identity where widths match).
         adapter_init: adapter initialisation (see ``build_adapter``), PyTorch default.
-
-    Small maps (smaller than the window, e.g. P7 of a small image) use the largest odd window
-    that fits (same sigma), so reflect padding never fails and no border values are invented.
+        small_maps: maps too small for reflect padding (half the window >= H or W; at 128 px
+            P6 is 2x2 and P7 1x1): "zeros" (default) keeps the full window with zero padding,
+            so contrast and structure still count there; "shrink" (detkd <= 0.1) shrinks the
+            window to fit, which leaves a 1x1 window, i.e. a pointwise luminance comparison.
     """
 
     needs = frozenset({"features"})
@@ -135,8 +149,11 @@ class SSIMKD(DistillMethod):
         normalize: str = "image",
         adapter: str = "conv1x1",
         adapter_init: str = "default",
+        small_maps: str = "zeros",
     ) -> None:
         super().__init__(levels=levels)
+        if small_maps not in SMALL_MAP_MODES:
+            raise ValueError(f"ssim: small_maps {small_maps!r} unknown; choose one of {SMALL_MAP_MODES}")
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"ssim: normalize {normalize!r} unknown; choose one of {NORMALIZE_MODES}")
         if window_size < 1 or window_size % 2 == 0:
@@ -149,6 +166,7 @@ class SSIMKD(DistillMethod):
         self.k1 = float(k1)
         self.k2 = float(k2)
         self.normalize = normalize
+        self.small_maps = small_maps
         self.adapters = LevelAdapters(levels, kind=adapter, init=adapter_init)
 
     def forward(self, student: dict[str, Tensor], teacher: TeacherKnowledge, ctx: DistillContext) -> dict[str, Tensor]:
@@ -161,6 +179,14 @@ class SSIMKD(DistillMethod):
                 s = self.adapters.adapt(lvl, x.float(), channel_group=teacher.channel_group)
                 s = minmax_normalize(s, mode=self.normalize)
                 t = minmax_normalize(t, mode=self.normalize)
-                loss = ssim_loss(s, t, window_size=self.window_size, sigma=self.sigma, k1=self.k1, k2=self.k2)
+                loss = ssim_loss(
+                    s,
+                    t,
+                    window_size=self.window_size,
+                    sigma=self.sigma,
+                    k1=self.k1,
+                    k2=self.k2,
+                    small_maps=self.small_maps,
+                )
             out[f"ssim.{lvl}"] = self.weight * loss
         return out

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from detkd.data.loader import Batch
+from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, GradientBalance
 from detkd.distill.base import METHODS, DistillContext, DistillMethod, LevelSpec, TeacherKnowledge
 from detkd.distill.teacher import TeacherSource
 from detkd.errors import ConfigError, DetkdError
@@ -53,7 +54,7 @@ def build_method(name: str, *, levels: dict[str, LevelSpec], args: dict) -> Dist
         raise ConfigError(str(exc.args[0])) from None
     try:
         return cls(levels=levels, **args)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown or out-of-range argument: the user's to fix
         raise ConfigError(f"method {name!r}: {exc}") from None
 
 
@@ -63,16 +64,28 @@ class DistillationTask(nn.Module):
         student: Detector,
         *,
         methods: dict[str, DistillMethod],
-        weights: dict[str, float],
+        weights: dict[str, float | str],
         teacher: TeacherSource,
         levels: list[str],
+        auto_ratio: float = DEFAULT_RATIO,
+        auto_measure: str = DEFAULT_MEASURE,
+        calibration_steps: int = DEFAULT_STEPS,
     ) -> None:
         super().__init__()
         self.student = student
         self.methods = nn.ModuleDict(methods)
-        self.weights = dict(weights)
+        # A method without an entry keeps its paper weight (multiplier 1).
+        self.balance = GradientBalance(
+            {name: weights.get(name, "paper") for name in methods},
+            ratio=auto_ratio,
+            steps=calibration_steps,
+            measure=auto_measure,
+        )
         self.levels = list(levels)
         self.__dict__["teacher"] = teacher  # not a submodule: outside DDP, the optimiser and state_dict
+        modes = [m.teacher_importance_mode for m in methods.values() if getattr(m, "teacher_importance_mode", None)]
+        if modes and hasattr(teacher, "importance_mode"):  # a live teacher builds Grad-CAM the way gkd asks
+            teacher.importance_mode = dict(modes[0])
         self.needs = frozenset().union(*(m.needs for m in methods.values()))
         self.step = 0
         self.zero_steps = 0
@@ -87,12 +100,19 @@ class DistillationTask(nn.Module):
         ctx = DistillContext(targets=batch.targets, image_sizes=batch.image_sizes, step=self.step)
         if "student_importance" in self.needs:
             ctx.extras["student_importance"] = self._student_importance(det_losses, student_feats)
-        kd: dict[str, Tensor] = {}
+        raw: dict[str, dict[str, Tensor]] = {}
         for name, method in self.methods.items():
             terms = method(student_feats, knowledge, ctx)
             if not terms:
                 raise DetkdError(f"method {name!r} returned no loss terms: nothing would be distilled")
-            w = self.weights.get(name, 1.0)
+            raw[name] = terms
+        if self.balance.calibrating and torch.is_grad_enabled():
+            self.balance.observe(
+                sum(det_losses.values()), {n: sum(t.values()) for n, t in raw.items()}, list(student_feats.values())
+            )
+        kd: dict[str, Tensor] = {}
+        for name, terms in raw.items():
+            w = self.balance.weight(name)
             kd.update({k: w * v for k, v in terms.items()})
         self._guard(kd, det_losses)
         return {**det_losses, **kd}
@@ -129,12 +149,18 @@ class DistillationTask(nn.Module):
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             log.info("step %d: detection loss %.4g; distillation terms: %s", self.step, det_total, shown)
 
+    def weight_report(self) -> dict[str, dict]:
+        """Which rule set each method's weight, and the weight (see ``detkd.distill.balance``)."""
+        return self.balance.report()
+
     def extra_state(self) -> dict:
-        return {"methods": self.methods.state_dict(), "step": self.step}
+        return {"methods": self.methods.state_dict(), "step": self.step, "balance": self.balance.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         self.methods.load_state_dict(state["methods"])
         self.step = state.get("step", 0)
+        if "balance" in state:  # checkpoints from before the auto rule carry none
+            self.balance.load_state_dict(state["balance"])
 
 
 def check_shapes(student: dict[str, Tensor], knowledge: TeacherKnowledge, levels: list[str]) -> None:

@@ -55,16 +55,30 @@ class OnlineTeacher:
         return TeacherKnowledge(features=dict(feats))
 
     def _with_importance(self, batch: Batch) -> TeacherKnowledge:
-        """Backpropagate the teacher's own detection loss to its FPN features (GKD), params frozen."""
+        """Backpropagate the teacher's own detection loss to its FPN features (GKD), params frozen.
+
+        ``importance_mode`` may hold, besides the Grad-CAM modes of ``importance_maps``,
+        ``targets="predictions"`` (with ``topk``, ``score_thresh``): the loss is taken against the
+        teacher's own top detections, as GKD's released code does, instead of the ground truth.
+        """
         from detkd.distill.gkd import importance_maps
 
+        mode = dict(self.importance_mode)
+        targets = batch.targets
+        if mode.pop("targets", "gt") == "predictions":
+            targets = pseudo_targets(
+                self.detector.predict(batch.images, batch.image_sizes),
+                topk=mode.pop("topk", 10),
+                score_thresh=mode.pop("score_thresh", 0.3),
+            )
+        mode.pop("topk", None), mode.pop("score_thresh", None)
         maps, channel = teacher_importance(
             self.detector,
             batch.images,
             batch.image_sizes,
-            batch.targets,
+            targets,
             importance_maps=importance_maps,
-            **self.importance_mode,
+            **mode,
         )
         return TeacherKnowledge(features=maps.pop("_features"), importance=maps, channel_importance=channel)
 
@@ -90,6 +104,16 @@ class SelectingTeacher(OnlineTeacher):
         return collate_knowledge(
             records, feature_shapes=sizes, channel_group=self.policy.channel_group, device=batch.images.device
         )
+
+
+def pseudo_targets(detections: list[dict[str, Tensor]], *, topk: int, score_thresh: float) -> list[dict]:
+    """The ``topk`` highest-scoring detections above ``score_thresh`` per image, as loss targets."""
+    out = []
+    for det in detections:
+        keep = det["scores"] > score_thresh
+        order = det["scores"][keep].argsort(descending=True)[:topk]
+        out.append({"boxes": det["boxes"][keep][order].detach(), "labels": det["labels"][keep][order].detach()})
+    return out
 
 
 def teacher_importance(detector: Detector, images: Tensor, image_sizes, targets, *, importance_maps, **mode):

@@ -204,6 +204,8 @@ class Trainer:
                 metrics = {"epoch": epoch, "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
                 if skipped:
                     metrics["skipped_images"] = skipped
+                if hasattr(self.task, "weight_report"):  # which rule set each distillation weight, and its value
+                    metrics["distill_weights"] = self.task.weight_report()
                     log.warning("epoch %d: %d images could not be read and were skipped", epoch, skipped)
                 last_epoch = epoch == self.epochs - 1
                 due = self.eval_every > 0 and (epoch + 1) % self.eval_every == 0

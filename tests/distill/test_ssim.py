@@ -8,7 +8,7 @@ from detkd.distill.ssim import SSIMKD, effective_window, ssim_loss, ssim_map
 
 N = 2
 LEVELS = {"p3": LevelSpec(2, 2, 8), "p4": LevelSpec(2, 2, 16)}
-SIZES = {"p3": (12, 13), "p4": (5, 6)}  # p3 uses the full 11x11 window, p4 a shrunk 5x5 one
+SIZES = {"p3": (12, 13), "p4": (5, 6)}  # p3: reflect padding; p4 is too small for it (zeros, or a 5x5 window)
 CTX = DistillContext(targets=[], image_sizes=[(96, 104)] * N)
 
 
@@ -36,12 +36,27 @@ def _window(k, sigma=1.5):
     return [[x / total for x in row] for row in raw]
 
 
-def _loop_ssim(x, y, window=11, k1=0.01, k2=0.03):
-    """x, y: [h][w] lists. Returns the SSIM map [h][w] with explicit local weighted means."""
+def _loop_ssim(x, y, window=11, k1=0.01, k2=0.03, small="zeros"):
+    """x, y: [h][w] lists. Returns the SSIM map [h][w] with explicit local weighted means.
+
+    Maps too small for reflect padding (window // 2 >= h or w): ``small="zeros"`` reads 0 outside
+    the map with the full window; ``small="shrink"`` uses the largest odd window that fits.
+    """
     h, w = len(x), len(x[0])
-    k = min(window, h, w)
-    k = k if k % 2 else k - 1
+    k, zeros = window, False
+    if window // 2 >= min(h, w):
+        if small == "shrink":
+            k = min(window, h, w)
+            k = k if k % 2 else k - 1
+        else:
+            zeros = True
     wt, p = _window(k), k // 2
+
+    def at(img, i, j):
+        if zeros:
+            return img[i][j] if 0 <= i < h and 0 <= j < w else 0.0
+        return img[_reflect(i, h)][_reflect(j, w)]
+
     c1, c2 = k1**2, k2**2
     out = [[0.0] * w for _ in range(h)]
     for i in range(h):
@@ -49,8 +64,7 @@ def _loop_ssim(x, y, window=11, k1=0.01, k2=0.03):
             mx = my = sxx = syy = sxy = 0.0
             for u in range(k):
                 for v in range(k):
-                    a = x[_reflect(i + u - p, h)][_reflect(j + v - p, w)]
-                    b = y[_reflect(i + u - p, h)][_reflect(j + v - p, w)]
+                    a, b = at(x, i + u - p, j + v - p), at(y, i + u - p, j + v - p)
                     q = wt[u][v]
                     mx, my = mx + q * a, my + q * b
                     sxx, syy, sxy = sxx + q * a * a, syy + q * b * b, sxy + q * a * b
@@ -79,7 +93,7 @@ def _conv1x1(x, weight, bias):
     ]
 
 
-def _loop_method(s, t, adapter=None, weight=2.0, per_channel=False):
+def _loop_method(s, t, adapter=None, weight=2.0, per_channel=False, small="zeros"):
     out = {}
     for lvl in s:
         total, count = 0.0, 0
@@ -89,7 +103,7 @@ def _loop_method(s, t, adapter=None, weight=2.0, per_channel=False):
                 sx = _conv1x1(sx, adapter[lvl].weight.flatten(1).tolist(), adapter[lvl].bias.tolist())
             sx, tx = _minmax(sx, per_channel), _minmax(t[lvl][n].tolist(), per_channel)
             for c in range(len(tx)):
-                m = _loop_ssim(sx[c], tx[c])
+                m = _loop_ssim(sx[c], tx[c], small=small)
                 for row in m:
                     for v in row:
                         total += min(1.0, max(0.0, (1 - v) / 2))
@@ -116,12 +130,41 @@ def test_effective_window_fallback():
     ]
 
 
-def test_ssim_map_matches_literal_reflect_padding():
+@pytest.mark.parametrize("small", ["zeros", "shrink"])
+def test_ssim_map_matches_literal_padding(small):
     g = torch.Generator().manual_seed(0)
-    for h, w in [(12, 13), (5, 6), (2, 3)]:
+    for h, w in [(12, 13), (5, 6), (2, 3), (1, 1)]:
         x, y = torch.rand(1, 1, h, w, generator=g), torch.rand(1, 1, h, w, generator=g)
-        expected = torch.tensor(_loop_ssim(x[0, 0].tolist(), y[0, 0].tolist()))
-        torch.testing.assert_close(ssim_map(x, y)[0, 0], expected, rtol=1e-5, atol=5e-6)  # fp32 variances
+        expected = torch.tensor(_loop_ssim(x[0, 0].tolist(), y[0, 0].tolist(), small=small))
+        got = ssim_map(x, y, small_maps=small)[0, 0]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=5e-6)  # fp32 variances
+
+
+def test_small_maps_keep_contrast_and_structure_with_zero_padding():
+    # On a 1x1 map the shrunk (1x1) window sees one value per side: SSIM is the luminance term alone.
+    x, y = torch.tensor([[[[0.8]]]]), torch.tensor([[[[0.2]]]])
+    c1 = 0.01**2
+    lum = (2 * 0.8 * 0.2 + c1) / (0.8**2 + 0.2**2 + c1)
+    torch.testing.assert_close(ssim_map(x, y, small_maps="shrink"), torch.tensor([[[[lum]]]]))
+    # With zeros around it, the window sees variance, so the value differs from luminance alone
+    # (and equals the literal computation, checked above).
+    assert abs(float(ssim_map(x, y)) - lum) > 1e-3
+    # A 2x2 map: with zero padding every window sees the neighbours, so putting b's cells out of
+    # step with a's (swapping two) costs far more similarity than the cell-by-cell luminance drop.
+    a = torch.tensor([[[[0.9, 0.1], [0.5, 0.3]]]])
+    b = torch.tensor([[[[0.8, 0.2], [0.4, 0.3]]]])
+    b_swapped = torch.tensor([[[[0.2, 0.8], [0.4, 0.3]]]])
+    shrink = ssim_map(a, b, small_maps="shrink").mean() - ssim_map(a, b_swapped, small_maps="shrink").mean()
+    zeros = ssim_map(a, b).mean() - ssim_map(a, b_swapped).mean()
+    assert float(zeros) > float(shrink) + 0.05
+
+
+def test_golden_value_shrunk_windows():
+    m = SSIMKD(levels=LEVELS, adapter="identity", small_maps="shrink")
+    s, t = _feats(1), _feats(2)
+    out = m(s, TeacherKnowledge(features=t), CTX)
+    for key, value in _loop_method(s, t, small="shrink").items():
+        torch.testing.assert_close(out[key], torch.tensor(value), rtol=1e-5, atol=0, msg=key)
 
 
 def test_golden_value_identity_adapter():
@@ -208,3 +251,5 @@ def test_rejects_bad_options():
         SSIMKD(levels=LEVELS, normalize="batch")
     with pytest.raises(ValueError, match="odd"):
         SSIMKD(levels=LEVELS, window_size=10)
+    with pytest.raises(ValueError, match="small_maps"):
+        SSIMKD(levels=LEVELS, small_maps="crop")

@@ -162,3 +162,104 @@ def test_gkd_parity_mode_gets_student_maps_and_carries_no_gradient(spec_factory)
     task.train()
     losses = task(_batch())
     assert float(losses["gkd.cam"]) > 0 and not losses["gkd.cam"].requires_grad
+
+
+def test_auto_weight_balances_gradients_then_freezes_and_resumes(spec_factory):
+    torch.manual_seed(0)
+    student = build_detector(spec_factory("fcos"))
+    teacher = OnlineTeacher(build_detector(spec_factory("fcos", fpn_channels=32)))
+    levels = common_levels(student, teacher)
+    methods = {"fitnet": build_method("fitnet", levels=levels, args={})}
+
+    def make(s):
+        return DistillationTask(
+            s,
+            methods=methods,
+            weights={"fitnet": "auto"},
+            teacher=teacher,
+            levels=list(levels),
+            auto_ratio=0.25,
+            calibration_steps=2,
+        )
+
+    task = make(student)
+    task.train()
+    batch = _batch()
+    losses = task(batch)
+    # Step 1 already uses the weight measured on its own batch (not the paper weight 1).
+    assert losses["fitnet.p3"].requires_grad
+    assert task.weight_report()["fitnet"]["weight"] != 1.0 and task.balance.calibrating
+    task(batch)
+    frozen = task.weight_report()["fitnet"]
+    assert frozen["rule"] == "auto" and frozen["frozen"] and frozen["calibration_steps"] == 2
+    task(batch)
+    assert task.weight_report()["fitnet"]["weight"] == frozen["weight"]  # no drift after calibration
+    # A resumed run replays the frozen weight without measuring again.
+    other = make(build_detector(spec_factory("fcos")))
+    other.load_extra_state(task.extra_state())
+    assert not other.balance.calibrating and other.weight_report()["fitnet"]["weight"] == frozen["weight"]
+
+
+def test_gkd_parity_teacher_builds_its_grad_cam_like_the_released_code(spec_factory):
+    from detkd.distill.gkd import importance_maps
+    from detkd.distill.teacher import teacher_importance
+
+    task = _task(spec_factory, method="gkd", mode="parity")
+    assert task.teacher.importance_mode == {"channel_mode": "abs", "activation_mode": "abs"}
+    batch = _batch()
+    got = task.teacher.knowledge(batch, task.needs).importance
+    want, _ = teacher_importance(
+        task.teacher.detector,
+        batch.images,
+        batch.image_sizes,
+        batch.targets,
+        importance_maps=importance_maps,
+        channel_mode="abs",
+        activation_mode="abs",
+    )
+    signed, _ = teacher_importance(
+        task.teacher.detector, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps
+    )
+    for lvl in got:
+        torch.testing.assert_close(got[lvl], want[lvl])
+    assert any(not torch.allclose(got[lvl], signed[lvl]) for lvl in got)
+
+
+def test_pseudo_targets_keep_the_top_k_above_the_threshold():
+    from detkd.distill.teacher import pseudo_targets
+
+    det = {
+        "boxes": torch.arange(20, dtype=torch.float32).reshape(5, 4),
+        "scores": torch.tensor([0.2, 0.9, 0.5, 0.31, 0.95]),
+        "labels": torch.tensor([1, 2, 3, 4, 5]),
+    }
+    (out,) = pseudo_targets([det], topk=2, score_thresh=0.3)
+    assert out["labels"].tolist() == [5, 2] and out["boxes"].tolist() == [
+        det["boxes"][4].tolist(),
+        det["boxes"][1].tolist(),
+    ]
+    (none,) = pseudo_targets([det], topk=10, score_thresh=0.99)
+    assert none["boxes"].shape == (0, 4)
+
+
+def test_gkd_grad_cam_from_teacher_predictions(spec_factory, monkeypatch):
+    from detkd.distill import teacher as teacher_mod
+
+    task = _task(spec_factory, method="gkd", cam_targets="predictions", cam_topk=3, cam_score=0.0)
+    assert task.teacher.importance_mode["targets"] == "predictions"
+    seen = {}
+    real = teacher_mod.teacher_importance
+
+    def spy(detector, images, image_sizes, targets, **kw):
+        seen["targets"] = targets
+        return real(detector, images, image_sizes, targets, **kw)
+
+    monkeypatch.setattr(teacher_mod, "teacher_importance", spy)
+    batch = _batch()
+    task.teacher.knowledge(batch, task.needs)
+    preds = task.teacher.detector.predict(batch.images, batch.image_sizes)
+    for used, pred in zip(seen["targets"], preds, strict=True):
+        assert len(used["boxes"]) == min(3, len(pred["boxes"]))
+        assert used["boxes"].tolist() == pred["boxes"][pred["scores"].argsort(descending=True)[:3]].tolist()
+    with pytest.raises(ConfigError, match="cam_targets"):
+        _task(spec_factory, method="gkd", cam_targets="anchors")

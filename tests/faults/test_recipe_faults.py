@@ -63,8 +63,14 @@ BAD_VALUES = [
     ("distill.levels=[]", "distill.levels: List should have at least 1 item"),
     ("distill.expected_student_ap=2", "distill.expected_student_ap: Input should be less than or equal to 1"),
     ("distill.min_teacher_gain=.nan", "distill.min_teacher_gain: Input should be a finite number"),
-    ("distill.methods=[{name: fitnet, weight: -1}]", "distill.methods.0.weight: Input should be greater than or equal"),
-    ("distill.methods=[{name: fitnet, weight: .inf}]", "distill.methods.0.weight: Input should be a finite number"),
+    (
+        "distill.methods=[{name: fitnet, weight: -1}]",
+        "distill.methods.0.weight: Value error, a method weight must be a finite number >= 0",
+    ),
+    (
+        "distill.methods=[{name: fitnet, weight: .inf}]",
+        "distill.methods.0.weight: Value error, a method weight must be a finite",
+    ),
     ("distill.methods=[{name: ''}]", "distill.methods.0.name: String should have at least 1 character"),
 ]
 
@@ -131,3 +137,9 @@ def test_good_values_still_pass(tmp_path):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     load_recipe(path)  # the ranges are not tighter than the recipes the project ships
+
+
+def test_weight_rules_by_name(tmp_path):
+    overrides = expand_shorthands(["method=fitnet:auto+pkd:paper+cwd", "teacher=t.pt"])
+    r = load_recipe(_recipe(tmp_path), overrides)
+    assert [(m.name, m.weight) for m in r.distill.methods] == [("fitnet", "auto"), ("pkd", "paper"), ("cwd", "paper")]

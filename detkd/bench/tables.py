@@ -1,0 +1,95 @@
+"""README tables rendered from the committed results files (``benchmarks/results/*.json``).
+
+README.md marks each generated table with a pair of comments::
+
+    <!-- results: shapes_methods.json -->
+    ...generated, do not edit...
+    <!-- /results -->
+
+``detkd bench readme`` rewrites every marked block from its file; ``--check`` only reports
+blocks that are out of date (a test runs it, so README cannot drift from the results).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from detkd.bench.results import read_json
+
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w.-]+\.json) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+GROUP_TITLES = {"methods": "online", "stored": "from the store", "selected": "online through the store's selection"}
+
+
+def _pts(v: float | None, sign: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
+
+
+def accuracy_table(payload: dict) -> str:
+    """Markdown: one row per run (student, then each group's methods), AP x100 per seed and summary."""
+    student = payload["student"]
+    lines = [
+        "| run | AP per seed | mean | spread (max-min) | vs student | gain > student spread | weights (rule: value) |",
+        "|---|---|---|---|---|---|---|",
+        f"| student alone | {_seeds(student)} | {_pts(student['mean'])} | {_pts(student['spread'])} | | | |",
+    ]
+    for group, title in GROUP_TITLES.items():
+        for spec, entry in (payload.get(group) or {}).items():
+            beats = {True: "yes", False: "no", None: "—"}[entry.get("beats_student")]
+            lines.append(
+                f"| {spec} ({title}) | {_seeds(entry)} | {_pts(entry['mean'])} | {_pts(entry['spread'])} | "
+                f"{_pts(entry.get('vs_student'), sign=True)} | {beats} | {_weights(entry.get('weights'))} |"
+            )
+    teacher = (payload.get("teacher") or {}).get("ap")
+    foot = [f"Teacher AP {_pts(teacher)}." if teacher is not None else ""]
+    foot.append(f"AP = COCO AP@[.5:.95] x100 on the validation split; seeds {payload.get('seeds')}.")
+    foot.append(f"Measured {payload.get('date', '?')[:10]} at commit `{str(payload.get('commit'))[:12]}` on")
+    foot.append(f"{payload.get('machine', '?')} by `{payload.get('command', '?')}`.")
+    return "\n".join(lines) + "\n\n" + " ".join(f for f in foot if f) + "\n"
+
+
+def _seeds(entry: dict) -> str:
+    return ", ".join(_pts(a) for a in entry.get("ap", [])) or "—"
+
+
+def _weights(per_seed: list | None) -> str:
+    """The weight each method got, as ``rule: value`` (auto weights differ slightly between seeds)."""
+    found: dict[str, list[float]] = {}
+    rules: dict[str, str] = {}
+    for report in per_seed or []:
+        for name, w in (report or {}).items():
+            found.setdefault(name, []).append(w["weight"])
+            rules[name] = w["rule"]
+    parts = []
+    for name, ws in found.items():
+        lo, hi = min(ws), max(ws)
+        value = f"{lo:.3g}" if lo == hi else f"{lo:.3g}-{hi:.3g}"
+        parts.append(f"{name} {rules[name]}: {value}")
+    return "; ".join(parts)
+
+
+def render(path: str | Path) -> str:
+    payload = read_json(path)
+    if "student" in payload:
+        return accuracy_table(payload)
+    raise ValueError(f"{path}: no table renderer for this results file (no 'student' key)")
+
+
+def update_readme(readme: str | Path, results_dir: str | Path, *, check: bool = False) -> list[str]:
+    """Rewrite (or with ``check``, only compare) every marked block; returns the names out of date."""
+    readme, results_dir = Path(readme), Path(results_dir)
+    text = readme.read_text()
+    stale: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        body = render(results_dir / m["name"])
+        if body != m["body"]:
+            stale.append(m["name"])
+        return m.group(1) + body + m.group(4)
+
+    new = BLOCK.sub(fill, text)
+    if not check and new != text:
+        readme.write_text(new)
+    return stale
