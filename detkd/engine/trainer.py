@@ -204,9 +204,9 @@ class Trainer:
                 metrics = {"epoch": epoch, "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
                 if skipped:
                     metrics["skipped_images"] = skipped
+                    log.warning("epoch %d: %d images could not be read and were skipped", epoch, skipped)
                 if hasattr(self.task, "weight_report"):  # which rule set each distillation weight, and its value
                     metrics["distill_weights"] = self.task.weight_report()
-                    log.warning("epoch %d: %d images could not be read and were skipped", epoch, skipped)
                 last_epoch = epoch == self.epochs - 1
                 due = self.eval_every > 0 and (epoch + 1) % self.eval_every == 0
                 if self.is_main and self.val_loader is not None and (due or last_epoch):
