@@ -65,14 +65,22 @@ def test_online_distill_one_epoch(tmp_path, synth):
         [
             "distill",
             str(_recipe(tmp_path, synth, student)),
-            "method=fitnet+pkd:0.5",
+            "method=fitnet:auto+pkd:0.5",
             f"teacher={teacher / 'last.pt'}",
+            "distill.calibration_steps=1",
             "--no-progress",
         ]
     )
     assert code == 0
     saved = json.loads((student / "metrics.json").read_text())["last"]
-    assert "AP" in saved
+    assert 0.0 <= saved["AP"] <= 1.0
+    # The result says which rule set each weight, and the checkpoint replays it.
+    weights = saved["distill_weights"]
+    assert weights["pkd"] == {"rule": "explicit", "weight": 0.5}
+    auto = weights["fitnet"]
+    assert auto["rule"] == "auto" and auto["frozen"] and auto["calibration_steps"] == 1 and auto["weight"] > 0
+    state = torch.load(student / "last.pt", weights_only=True)["train_state"]["task_extra"]["balance"]
+    assert state["observed"] == 1 and state["det_sum"] > 0
 
 
 def test_errors_name_the_problem(tmp_path, synth, capsys):
