@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from detkd.bench.amp_check import AmpScale, run_amp_check
+from detkd.bench.results import git_commit, write_json
 from detkd.bench.speed import SpeedScale, gpu_scale, run_speed
 from detkd.models.builders import DetectorSpec
 
@@ -108,19 +109,8 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
     }
-
-
-def _commit() -> str | None:
-    # The device machine gets a copy of the tree without .git: the caller passes DETKD_COMMIT there.
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("DETKD_COMMIT") or None
 
 
 def _timed(name: str, fn, log: list[str]) -> dict:
@@ -254,7 +244,7 @@ def run_gpu_check(*, out_json: str | Path, work_dir: str | Path, cpu: bool, part
         report["parts"][name] = result
         report["passed"] = all(p["passed"] for p in report["parts"].values()) and len(report["parts"]) == len(parts)
         report["seconds"] = time.perf_counter() - t0
-        write_report(report, out_json)
+        write_json(out_json, report)
 
     if "amp" in parts:
         amp_scale = cfg["amp"]
@@ -288,23 +278,6 @@ def run_gpu_check(*, out_json: str | Path, work_dir: str | Path, cpu: bool, part
             ),
         )
     return report
-
-
-def strict(value):
-    """JSON-safe copy: non-finite floats -> None (strict JSON has no NaN), tuples -> lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    return value
-
-
-def write_report(report: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(strict(report), indent=2, allow_nan=False) + "\n")
 
 
 def format_report(report: dict) -> str:

@@ -31,14 +31,15 @@ def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD (with ``-dirty`` when the tree has changes), or None outside git."""
+    """The checkout's HEAD (with ``-dirty`` when the tree has changes); outside git (the GPU
+    machine gets a copy of the tree without .git) ``$DETKD_COMMIT``, else None."""
     here = Path(__file__).resolve().parent
     run = dict(cwd=here, capture_output=True, text=True, timeout=10)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], check=True, **run).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("DETKD_COMMIT") or None
     return sha + ("-dirty" if dirty else "")
 
 

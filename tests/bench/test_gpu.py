@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from detkd.bench.gpu import TARGETS, judge, part_passed, run_gpu_check, speed_checks, strict, write_report
+from detkd.bench.gpu import TARGETS, judge, part_passed, run_gpu_check, speed_checks
+from detkd.bench.results import strict, write_json
 
 
 def _strict_load(path):
@@ -49,7 +50,7 @@ def test_judge_and_verdicts_on_synthetic_numbers():
 
 
 def test_report_is_strict_json(tmp_path):
-    write_report({"x": math.nan, "y": [math.inf, 1.5], "z": (1, 2)}, tmp_path / "r.json")
+    write_json(tmp_path / "r.json", {"x": math.nan, "y": [math.inf, 1.5], "z": (1, 2)})
     assert _strict_load(tmp_path / "r.json") == {"x": None, "y": [None, 1.5], "z": [1, 2]}
     assert strict({"a": {"b": -math.inf}}) == {"a": {"b": None}}
 
