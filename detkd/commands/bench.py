@@ -12,22 +12,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = bsub.add_parser("speed", help="stored vs online distillation vs student alone, store size and throughput")
     s.add_argument("--quick", action="store_true", help="CPU scale in a few minutes (fewer images and steps)")
     s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
-    s.add_argument("--json", default=None, help="write the figures to this JSON file")
-    s.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    s.add_argument("--json", default=None, help="write the figures to this JSON file (default: OUT/speed.json)")
+    s.add_argument("--workers", type=int, default=2, help="data loader workers")
     s.set_defaults(func=run_speed_cmd)
 
     a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
     a.add_argument("--recipe", required=True, help="student recipe YAML")
     a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
-    a.add_argument("--store", default=None, help="knowledge store (adds stored rows for sparse-capable methods)")
+    a.add_argument(
+        "--store",
+        default=None,
+        help="knowledge store (adds stored rows for sparse-capable methods; default: no stored rows)",
+    )
     a.add_argument(
         "--selected",
         action="store_true",
         help="also run each method online with the store's cell selection (the stored loss without the store)",
     )
-    a.add_argument("--methods", nargs="+", default=["fitnet"])
-    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    a.add_argument("--out", default="runs/bench-accuracy")
+    a.add_argument("--methods", nargs="+", default=["fitnet"], help="methods to compare with the student alone")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds per row")
+    a.add_argument("--out", default="runs/bench-accuracy", help="run directories, accuracy.json and accuracy.md")
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
 

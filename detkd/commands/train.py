@@ -18,13 +18,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-style evaluation of a checkpoint")
     e.add_argument("--checkpoint", required=True, help="detector checkpoint (.pt)")
     e.add_argument("--data", required=True, help="data set directory or annotation file")
-    e.add_argument("--format", default=None, help="data format (default: detect)")
-    e.add_argument("--split", default="val")
+    e.add_argument(
+        "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
+    )
+    e.add_argument("--split", default="val", help="split to evaluate")
     e.add_argument("--size", type=int, default=None, help="evaluation scale (default: the checkpoint's)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", default=None, help="write the metrics here (default: next to the checkpoint)")
+    e.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    e.add_argument("--workers", type=int, default=2, help="data loader worker processes (0 = in process)")
+    e.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    e.add_argument("--json", default=None, help="write the metrics here (default: CHECKPOINT with suffix .eval.json)")
     e.set_defaults(func=run_eval)
 
 
