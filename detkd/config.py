@@ -29,7 +29,7 @@ class DataConfig(_Section):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
-    limit: int | None = None  # use only the first N training images (quick runs)
+    limit: int | None = None  # use only the first N images of each split, train and val (quick runs)
 
 
 class ModelConfig(_Section):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detkd.config import load_recipe
+from detkd.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,6 @@ def run_accuracy(
                 metrics = {"error": str(exc)}
             results.setdefault(row.name, []).append(metrics)
             table = summarise(results)
-            (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": results}, indent=2, default=str))
+            (out / "accuracy.json").write_text(dumps({"table": table, "runs": results}, indent=2, default=str))
             (out / "accuracy.md").write_text(format_table(table))
     return summarise(results)

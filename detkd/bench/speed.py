@@ -7,7 +7,6 @@ Weights are random: speed does not depend on them.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -25,6 +24,7 @@ from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.distill.teacher import OnlineTeacher, StoredTeacher
 from detkd.engine.optim import build_optimizer
 from detkd.engine.tasks import DetectionTask
+from detkd.jsonio import dumps
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
@@ -234,7 +234,7 @@ def _reader_throughput(store_dir: Path) -> float:
 
 
 def write_results(results: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(results, indent=2))
+    Path(path).write_text(dumps(results, indent=2))  # strict JSON (null, never NaN)
 
 
 def format_results(r: dict) -> str:

@@ -185,7 +185,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(
         f"  teacher sha256 {info['teacher_hash'][:16]}...  {info['architecture'].get('family')}/"
         f"{info['architecture'].get('backbone')} FPN-{info['architecture'].get('fpn_channels')}"
-        + (f", AP {build['teacher_ap']:.4f}" if build.get("teacher_ap") is not None else "")
+        + (f", AP (x100) {100 * build['teacher_ap']:.1f}" if build.get("teacher_ap") is not None else "")
     )
     print(
         f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "

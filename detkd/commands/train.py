@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -43,9 +42,9 @@ def run_train(args: argparse.Namespace) -> int:
 def print_summary(metrics: dict, out: str) -> None:
     if not metrics:  # a non-main DDP rank: rank 0 reports
         return
-    keys = ("AP", "AP50", "AP75", "voc_map50")
-    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
-    print(f"done: {shown}  (run directory: {out})")
+    from detkd.engine.evaluate import ap_summary
+
+    print(f"done: {ap_summary(metrics) or 'no evaluation'}  (run directory: {out})")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -55,6 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from detkd.engine.evaluate import format_table
     from detkd.engine.inference import evaluate
     from detkd.errors import DetkdError
+    from detkd.jsonio import dumps
     from detkd.models.checkpoint import load_detector
     from detkd.runner import resolve_device
 
@@ -72,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(detector.to(device), loader, source, device=device)
     print(format_table(result))
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
-    out.write_text(json.dumps(result.to_dict(), indent=2))
+    out.write_text(dumps(result.to_dict(), indent=2))  # strict JSON: null for undefined metrics
     print(f"metrics written to {out}")
     return 0
 

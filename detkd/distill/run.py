@@ -12,6 +12,7 @@ from detkd.data.loader import ViewedDataset, build_loader
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.distill.teacher import OnlineTeacher, SelectingTeacher, StoredTeacher
+from detkd.engine.evaluate import ap_summary
 from detkd.engine.inference import evaluate
 from detkd.errors import ConfigError, DetkdError
 from detkd.models.checkpoint import file_sha256, load_detector
@@ -85,7 +86,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             teacher_ap=reader.extra.get("teacher_ap"),
         )
         if run_info["teacher_ap"] is not None:
-            log.info("stored teacher's AP (measured at build time): %.4f", run_info["teacher_ap"])
+            log.info("stored teacher's AP (x100, measured at build time): %.1f", 100 * run_info["teacher_ap"])
     else:
         teacher_det, payload = load_detector(cfg.teacher, spec=cfg.teacher_model)
         names = payload.get("class_names")
@@ -155,19 +156,19 @@ def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
         workers=recipe.data.workers,
     )
     result = evaluate(teacher, loader, bundle.val_source, device=device, progress=False)
-    log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, result.AP, result.AP50)
+    log.info("teacher on %s: %s", recipe.data.val_split, ap_summary(result.to_dict(), ("AP", "AP50")))
     if not result.AP >= 0.05:  # also catches NaN (a validation split without ground truth)
         log.warning(
-            "!!! the teacher's AP is %.4f: is it trained, and is this the right checkpoint? Distilling from "
-            "it will not help the student.",
-            result.AP,
+            "!!! the teacher's AP (x100) is %.1f: is it trained, and is this the right checkpoint? Distilling "
+            "from it will not help the student.",
+            100 * result.AP,
         )
     if cfg.expected_student_ap is not None and result.AP < cfg.expected_student_ap + cfg.min_teacher_gain:
         log.warning(
-            "!!! teacher AP %.4f is not clearly better than the student's expected %.4f (+%.3f): "
+            "!!! teacher AP (x100) %.1f is not clearly better than the student's expected %.1f (+%.1f): "
             "distillation is unlikely to help",
-            result.AP,
-            cfg.expected_student_ap,
-            cfg.min_teacher_gain,
+            100 * result.AP,
+            100 * cfg.expected_student_ap,
+            100 * cfg.min_teacher_gain,
         )
     return result.AP

@@ -3,11 +3,16 @@
 Determinism: every epoch reseeds torch from (seed, epoch) and the loader's order and views
 depend only on (seed, epoch), so a run resumed from its epoch checkpoint retraces exactly
 the steps of an uninterrupted run.
+
+Epochs are numbered from 1 wherever they are recorded or shown: the progress bar and log lines,
+``metrics.json`` (last and history), ``metrics.jsonl``, ``log.csv`` and ``curves.png``, and the
+checkpoints' ``epoch`` (the last completed epoch, i.e. the number of epochs done). Only the loop
+index inside ``fit`` (and its ``stop_after``) counts from 0. An evaluation is recorded with the
+step it ran after (the epoch's last step).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,10 +26,12 @@ from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, set_epoch
+from detkd.engine.evaluate import ap_summary
 from detkd.engine.inference import evaluate
 from detkd.engine.optim import build_optimizer, build_scheduler
 from detkd.engine.run_log import RunLogger, plot_run
 from detkd.errors import DetkdError
+from detkd.jsonio import dumps
 from detkd.models.checkpoint import read_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -119,7 +126,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def _train_state(self, epoch: int) -> dict:
         return {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs done; 1-based like every other record of the run
+            "epoch_numbering": 1,  # absent in checkpoints whose "epoch" was the 0-based index
             "best_ap": self.best_ap,
             "history": self.history,
             "optimizer": self.optimizer.state_dict(),
@@ -129,7 +137,7 @@ class Trainer:
         }
 
     def _save(self, name: str, epoch: int, *, with_state: bool, metrics: dict | None = None) -> None:
-        extra = {"epoch": epoch, "metrics": metrics or {}, "run": self.run_info}
+        extra = {"epoch": epoch + 1, "metrics": metrics or {}, "run": self.run_info}
         if with_state:
             extra["train_state"] = self._train_state(epoch)
         save_checkpoint(self.out_dir / name, self.student, class_names=self.class_names, extra=extra)
@@ -148,10 +156,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = state["epoch"] + 1
+        # start_epoch is the 0-based loop index of the next epoch = the number of epochs done.
+        self.start_epoch = state["epoch"] if state.get("epoch_numbering") == 1 else state["epoch"] + 1
         self.best_ap = state["best_ap"]
         self.history = state["history"]
-        log.info("resumed from %s after epoch %d", path, state["epoch"])
+        log.info("resumed from %s after epoch %d", path, self.start_epoch)
         return True
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -159,7 +168,7 @@ class Trainer:
         """Train to ``epochs`` (or stop after epoch index ``stop_after``, for tests and partial runs)."""
         logger = RunLogger(self.out_dir, tensorboard=True) if self.is_main else None
         if logger is not None:
-            logger.truncate_after(self.start_epoch - 1)
+            logger.truncate_after(self.start_epoch)  # keep the epochs done (logged 1-based)
         step = self.start_epoch * len(self.train_loader)
         final: dict = {}
         try:
@@ -169,10 +178,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 step, images, skipped = self._train_epoch(epoch, step, logger)
                 seconds = time.perf_counter() - t0
-                metrics = {"epoch": epoch, "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
+                metrics = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "epoch_seconds": seconds,
+                    "images_per_second": images / max(seconds, 1e-9),
+                }
                 if skipped:
                     metrics["skipped_images"] = skipped
-                    log.warning("epoch %d: %d images could not be read and were skipped", epoch, skipped)
+                    log.warning("epoch %d: %d images could not be read and were skipped", epoch + 1, skipped)
                 last_epoch = epoch == self.epochs - 1
                 due = self.eval_every > 0 and (epoch + 1) % self.eval_every == 0
                 if self.is_main and self.val_loader is not None and (due or last_epoch):
@@ -203,10 +217,10 @@ class Trainer:
             self.best_ap = ap
             self._save(BEST, epoch, with_state=False, metrics=metrics)
         self._save(LAST, epoch, with_state=True, metrics=metrics)
-        logger.log_metrics(epoch, metrics)
+        logger.log_metrics(epoch + 1, metrics, step=metrics["step"])  # the step evaluated at, not the last logged
         plot_run(self.out_dir)
-        (self.out_dir / "metrics.json").write_text(json.dumps({"last": metrics, "history": self.history}, indent=2))
-        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("AP", "AP50", "voc_map50") if k in metrics)
+        (self.out_dir / "metrics.json").write_text(dumps({"last": metrics, "history": self.history}, indent=2))
+        shown = ap_summary(metrics)
         log.info(
             "epoch %d/%d done in %.1fs (%.1f img/s)%s",
             epoch + 1,
@@ -237,7 +251,7 @@ class Trainer:
             if self.step_hook is not None:
                 self.step_hook(step, losses)
             if logger is not None and (step % self.log_every == 0 or step == 1):
-                logger.log_scalars(step, epoch, {**losses, "lr": self.optimizer.param_groups[0]["lr"]}, "train")
+                logger.log_scalars(step, epoch + 1, {**losses, "lr": self.optimizer.param_groups[0]["lr"]}, "train")
             bar.set_postfix(loss=f"{losses['loss']:.3f}")
         return step, images, skipped
 

@@ -53,6 +53,6 @@ def test_resume_reaches_same_weights(tmp_path, tiny_source, spec_factory):
         # The resumed run really trained on (two more epochs), and its last.pt holds the final weights.
         assert any(not torch.equal(after_first[k], b[k]) for k in b if b[k].is_floating_point())
         saved, payload = load_detector(tmp_path / f"{family}-part" / LAST)
-        assert payload["epoch"] == 2
+        assert payload["epoch"] == 3  # epochs done, numbered from 1 as in every log of the run
         for k, v in saved.model.state_dict().items():
             assert torch.equal(v, a[k])
