@@ -30,6 +30,7 @@ class DataConfig(_Section):
     batch_size: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
     limit: int | None = None  # use only the first N images of each split, train and val (quick runs)
+    names: list[str] | None = None  # YOLO / VOC class names in label order (default: from the data set's files)
 
 
 class ModelConfig(_Section):

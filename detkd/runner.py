@@ -48,8 +48,8 @@ def seed_everything(seed: int) -> None:
 def load_data(recipe: Recipe) -> DataBundle:
     d = recipe.data
     fmt = None if d.format == "auto" else d.format
-    train = open_source(d.root, format=fmt, split=d.train_split)
-    val = open_source(d.val_root or d.root, format=fmt, split=d.val_split)
+    train = open_source(d.root, format=fmt, split=d.train_split, names=d.names)
+    val = open_source(d.val_root or d.root, format=fmt, split=d.val_split, names=d.names)
     if train.class_names != val.class_names:
         raise DetkdError(
             f"{d.root}: train and val splits have different classes: {train.class_names} vs {val.class_names}"
