@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
@@ -63,12 +64,17 @@ def run_speed(
     method: str = "fitnet",
     workers: int = 2,
     scale: SpeedScale | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Measure everything side by side in one process; ``scale`` overrides the CPU scale (tests)."""
+    """Measure everything side by side in one process; ``scale`` overrides the CPU scale (tests).
+
+    Logs a line as each of its four phases starts; ``progress`` adds a bar over each phase's rounds.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scale = scale or cpu_scale(quick)
     data_dir = out / "data"
+    log.info("bench speed [1/4]: %d synthetic images in %s, a random-weight teacher", scale.images, data_dir)
     if not (data_dir / "annotations" / "train.json").is_file():
         generate_synthetic(data_dir, num_train=scale.images, num_val=8, image_size=scale.size, seed=0)
     source = open_source(data_dir, format="coco", split="train")
@@ -97,7 +103,12 @@ def run_speed(
     # (tensors decoded beforehand) is the stricter bound, reported beside it.
     store_dir = out / "store"
     rounds: dict[str, list[float]] = {"inference": [], "compute": [], "build": [], "build_call": []}
-    for _ in range(scale.rounds):
+    log.info(
+        "bench speed [2/4]: teacher inference vs store build over %d images, %d interleaved rounds",
+        scale.images,
+        scale.rounds,
+    )
+    for _ in tqdm(range(scale.rounds), desc="inference / build rounds", disable=not progress, dynamic_ncols=True):
         rounds["inference"].append(_teacher_inference_ips(teacher, source, policy, scale, workers=workers))
         rounds["compute"].append(_teacher_inference_ips(teacher, source, policy, scale, workers=workers, preload=True))
         if store_dir.exists():
@@ -139,7 +150,12 @@ def run_speed(
     results["nmsksd_over_dense_size_ratio"] = info["ratio_to_dense"]
 
     # Training step times, interleaved.
-    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers)
+    log.info(
+        "bench speed [3/4]: training steps of student, online and stored distillation, %d rounds of %d steps",
+        scale.rounds,
+        scale.steps_per_round,
+    )
+    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers, progress=progress)
     med = {k: statistics.median(v) for k, v in times.items()}
     results["step_seconds_median"] = med
     results["step_seconds_all"] = times
@@ -148,6 +164,7 @@ def run_speed(
     results["stored_over_online_step_ratio"] = med["stored"] / med["online"]
 
     # Reader throughput vs what a stored-distillation step consumes.
+    log.info("bench speed [4/4]: store reader throughput")
     reader_rps = _reader_throughput(store_dir)
     consumed = scale.batch_size / med["stored"]
     results["reader_records_per_s"] = reader_rps
@@ -186,7 +203,9 @@ def _make_task(mode: str, scale, teacher, reader):
     return DistillationTask(student, methods={"fitnet": method}, weights={}, teacher=source, levels=list(levels))
 
 
-def _step_times(scale, source, policy, teacher, store_dir, *, method: str, workers: int) -> dict[str, list[float]]:
+def _step_times(
+    scale, source, policy, teacher, store_dir, *, method: str, workers: int, progress: bool = False
+) -> dict[str, list[float]]:
     reader = StoreReader(store_dir)
     modes = {}
     for mode in ("student", "online", "stored"):
@@ -202,7 +221,8 @@ def _step_times(scale, source, policy, teacher, store_dir, *, method: str, worke
         modes[mode] = (task, loader, opt)
     times: dict[str, list[float]] = {m: [] for m in modes}
     iterators: dict[str, object] = {}
-    for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
+    bar = tqdm(range(scale.rounds + 1), desc="step-time rounds", disable=not progress, dynamic_ncols=True)
+    for r in bar:  # round 0 warms up caches and workers, not counted
         for mode, (task, loader, opt) in modes.items():
             task.train()
             for _ in range(scale.steps_per_round):

@@ -14,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
     s.add_argument("--json", default=None, help="write the figures to this JSON file (default: OUT/speed.json)")
     s.add_argument("--workers", type=int, default=2, help="data loader workers")
+    s.add_argument("--no-progress", action="store_true", help="phase log lines only, no progress bars")
     s.set_defaults(func=run_speed_cmd)
 
     a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
@@ -37,13 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from detkd.bench.speed import format_results, run_speed, write_results
 
-    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers)
+    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers, progress=not args.no_progress)
     print(format_results(results))
-    if args.json:
-        write_results(results, args.json)
-        print(f"figures written to {args.json}")
+    path = args.json or str(Path(args.out) / "speed.json")  # always written; by default under runs/
+    write_results(results, path)
+    print(f"figures written to {path}")
     return 0
 
 

@@ -108,3 +108,22 @@ def test_bench_json_is_strict(tmp_path):
     accuracy.run_accuracy(recipe="unused.yaml", teacher="t.pt", store=None, methods=[], seeds=[0], out_dir=run.parent)
     saved = strict_json((run.parent / "accuracy.json").read_text())
     assert saved["runs"]["student"][0]["APs"] is None
+
+
+def test_default_bench_outputs_are_ignored_by_git(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from detkd.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    bench = next(a for a in build_parser()._actions if a.dest == "command").choices["bench"]
+    kinds = next(a for a in bench._actions if a.dest == "bench_command").choices
+    speed_out = kinds["speed"].get_default("out")
+    accuracy_out = kinds["accuracy"].get_default("out")
+    paths = [f"{speed_out}/speed.json", f"{accuracy_out}/accuracy.json", f"{accuracy_out}/accuracy.md", "speed.json"]
+    proc = subprocess.run(["git", "check-ignore", *paths], cwd=repo, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(paths), proc.stderr
