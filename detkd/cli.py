@@ -10,6 +10,7 @@ import sys
 
 from detkd import __version__
 from detkd.commands import COMMANDS
+from detkd.commands._help import Parser
 from detkd.errors import DetkdError
 
 # OSErrors that are the disk's or the file system's doing: reported in one line, exit code 2.
@@ -17,7 +18,9 @@ REPORTED_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.ERO
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="detkd", description="Knowledge distillation for object detectors.")
+    # Parser passes its help formatter on to every subcommand. Nothing imported while building the
+    # parser may pull in torch: --help and command-line errors must come back in a fraction of a second.
+    parser = Parser(prog="detkd", description="Knowledge distillation for object detectors.")
     parser.add_argument("--version", action="version", version=f"detkd {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

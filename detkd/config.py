@@ -40,7 +40,8 @@ class DataConfig(_Section):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     batch_size: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
-    limit: int | None = Field(None, ge=1)  # use only the first N training images (quick runs)
+    limit: int | None = Field(None, ge=1)  # use only the first N images of each split, train and val (quick runs)
+    names: list[str] | None = None  # YOLO / VOC class names in label order (default: from the data set's files)
 
 
 class ModelConfig(_Section):

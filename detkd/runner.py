@@ -48,14 +48,26 @@ def seed_everything(seed: int) -> None:
 def load_data(recipe: Recipe) -> DataBundle:
     d = recipe.data
     fmt = None if d.format == "auto" else d.format
-    train = open_source(d.root, format=fmt, split=d.train_split)
-    val = open_source(d.val_root or d.root, format=fmt, split=d.val_split)
+    train = open_source(d.root, format=fmt, split=d.train_split, names=d.names)
+    val = open_source(d.val_root or d.root, format=fmt, split=d.val_split, names=d.names)
     if train.class_names != val.class_names:
         raise DetkdError(
             f"{d.root}: train and val splits have different classes: {train.class_names} vs {val.class_names}"
         )
     if d.limit is not None:
+        # A quick run is quick end to end: the limit applies to each split, and says so.
+        sizes = len(train), len(val)
         train.records = train.records[: d.limit]
+        val.records = val.records[: d.limit]
+        log.info(
+            "data.limit=%d: training on the first %d of %d training images, evaluating on the first %d of %d "
+            "validation images (AP of a limited validation split is not comparable to the full one)",
+            d.limit,
+            len(train),
+            sizes[0],
+            len(val),
+            sizes[1],
+        )
     for name, src in (("train", train), ("val", val)):
         if len(src) == 0:
             raise DetkdError(f"{d.root}: the {name} split has no usable images\n{src.problems.summary()}")

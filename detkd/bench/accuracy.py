@@ -16,6 +16,7 @@ from pathlib import Path
 
 from detkd.bench.results import ap_summary, provenance, write_json
 from detkd.config import load_recipe
+from detkd.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def run_accuracy(
                 metrics = {"error": str(exc)}
             results.setdefault(row.name, []).append(metrics)
             table = summarise(results)
-            (out / "accuracy.json").write_text(json.dumps({"table": table, "runs": results}, indent=2, default=str))
+            (out / "accuracy.json").write_text(dumps({"table": table, "runs": results}, indent=2, default=str))
             (out / "accuracy.md").write_text(format_table(table))
     if json_path is not None:
         write_json(json_path, accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds))

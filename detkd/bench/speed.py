@@ -7,7 +7,6 @@ Weights are random: speed does not depend on them.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
@@ -26,6 +26,7 @@ from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.distill.teacher import OnlineTeacher, StoredTeacher
 from detkd.engine.optim import build_optimizer
 from detkd.engine.tasks import DetectionTask
+from detkd.jsonio import dumps
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
@@ -89,15 +90,20 @@ def run_speed(
     scale: SpeedScale | None = None,
     device: str | torch.device = "cpu",
     data_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> dict:
     """Measure everything side by side in one process; ``scale`` overrides the CPU scale (``gpu_scale()``,
-    tests). ``data_dir`` shares one synthetic data set between runs (default ``out_dir/data``)."""
+    tests). ``data_dir`` shares one synthetic data set between runs (default ``out_dir/data``).
+
+    Logs a line as each of its four phases starts; ``progress`` adds a bar over each phase's rounds.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scale = scale or cpu_scale(quick)
     device = torch.device(device)
     store_policy = store_policy_for(method)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
+    log.info("bench speed [1/4]: %d synthetic images in %s, a random-weight teacher", scale.images, data_dir)
     if not (data_dir / "annotations" / "train.json").is_file():
         generate_synthetic(data_dir, num_train=scale.images, num_val=8, image_size=scale.size, seed=0)
     source = open_source(data_dir, format="coco", split="train")
@@ -130,7 +136,12 @@ def run_speed(
     # (tensors decoded beforehand) is the stricter bound, reported beside it.
     store_dir = out / "store"
     rounds: dict[str, list[float]] = {"inference": [], "compute": [], "build": [], "build_call": []}
-    for _ in range(scale.rounds):
+    log.info(
+        "bench speed [2/4]: teacher inference vs store build over %d images, %d interleaved rounds",
+        scale.images,
+        scale.rounds,
+    )
+    for _ in tqdm(range(scale.rounds), desc="inference / build rounds", disable=not progress, dynamic_ncols=True):
         rounds["inference"].append(_teacher_inference_ips(teacher, source, policy, scale, workers, device))
         rounds["compute"].append(_teacher_inference_ips(teacher, source, policy, scale, workers, device, preload=True))
         if store_dir.exists():
@@ -173,7 +184,14 @@ def run_speed(
     results["nmsksd_over_dense_size_ratio"] = info["ratio_to_dense"]
 
     # Training step times, interleaved.
-    times = _step_times(scale, source, policy, teacher, store_dir, method=method, workers=workers, device=device)
+    log.info(
+        "bench speed [3/4]: training steps of student, online and stored distillation, %d rounds of %d steps",
+        scale.rounds,
+        scale.steps_per_round,
+    )
+    times = _step_times(
+        scale, source, policy, teacher, store_dir, method=method, workers=workers, device=device, progress=progress
+    )
     # Peak device memory of each mode trained alone (None off CUDA): the stored run holds no teacher.
     results["peak_memory_bytes"] = _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -184,6 +202,7 @@ def run_speed(
     results["stored_over_online_step_ratio"] = med["stored"] / med["online"]
 
     # Reader throughput vs what a stored-distillation step consumes.
+    log.info("bench speed [4/4]: store reader throughput")
     reader_rps = _reader_throughput(store_dir)
     consumed = scale.batch_size / med["stored"]
     results["reader_records_per_s"] = reader_rps
@@ -261,12 +280,15 @@ def _train_step(task, batch, opt, scaler, device, amp: bool) -> None:
     _sync(device)
 
 
-def _step_times(scale, source, policy, teacher, store_dir, *, method, workers, device) -> dict[str, list[float]]:
+def _step_times(
+    scale, source, policy, teacher, store_dir, *, method, workers, device, progress: bool = False
+) -> dict[str, list[float]]:
     reader = StoreReader(store_dir)
     modes = {m: _mode_setup(m, scale, source, policy, teacher, reader, method, workers, device) for m in MODES}
     times: dict[str, list[float]] = {m: [] for m in modes}
     iterators: dict[str, object] = {}
-    for r in range(scale.rounds + 1):  # round 0 warms up caches and workers, not counted
+    bar = tqdm(range(scale.rounds + 1), desc="step-time rounds", disable=not progress, dynamic_ncols=True)
+    for r in bar:  # round 0 warms up caches and workers, not counted
         for mode, (task, loader, opt, scaler) in modes.items():
             task.train()
             for _ in range(scale.steps_per_round):
@@ -315,7 +337,7 @@ def _reader_throughput(store_dir: Path) -> float:
 
 
 def write_results(results: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(results, indent=2))
+    Path(path).write_text(dumps(results, indent=2))  # strict JSON (null, never NaN)
 
 
 def format_results(r: dict) -> str:

@@ -12,12 +12,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = bsub.add_parser("speed", help="stored vs online distillation vs student alone, store size and throughput")
     s.add_argument("--quick", action="store_true", help="CPU scale in a few minutes (fewer images and steps)")
     s.add_argument("--out", default="runs/bench-speed", help="working directory (data, teacher, store)")
-    s.add_argument("--json", default=None, help="write the figures to this JSON file")
-    s.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
+    s.add_argument("--json", default=None, help="write the figures to this JSON file (default: OUT/speed.json)")
+    s.add_argument("--workers", type=int, default=2, help="data loader workers")
+    s.add_argument("--no-progress", action="store_true", help="phase log lines only, no progress bars")
     s.add_argument(
         "--method",
         default="fitnet",
-        help="distillation method (default fitnet; one that needs whole maps, e.g. defeat, gets a dense store)",
+        help="distillation method (one that needs whole maps, e.g. defeat, gets a dense store)",
     )
     s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
@@ -26,13 +27,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cpu", action="store_true", help="dry run of the same code paths at a toy scale on the CPU")
     g.add_argument("--json", default=None, help="report file (default benchmarks/results/gpu.json; --cpu: in --out)")
     g.add_argument("--out", default="runs/bench-gpu", help="working directory (data, runs, stores)")
-    g.add_argument("--parts", nargs="+", choices=["amp", "torchrun", "speed"], default=["amp", "torchrun", "speed"])
+    g.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["amp", "torchrun", "speed"],
+        default=["amp", "torchrun", "speed"],
+        help="which parts to run",
+    )
     g.set_defaults(func=run_gpu_cmd)
 
     a = bsub.add_parser("accuracy", help="each method vs the student alone on the same schedule, over seeds")
     a.add_argument("--recipe", required=True, help="student recipe YAML")
     a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
-    a.add_argument("--store", default=None, help="knowledge store (adds stored rows for sparse-capable methods)")
+    a.add_argument(
+        "--store",
+        default=None,
+        help="knowledge store (adds stored rows for sparse-capable methods; default: no stored rows)",
+    )
     a.add_argument(
         "--selected",
         action="store_true",
@@ -42,14 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         nargs="+",
         default=["fitnet"],
-        help="METHOD or METHOD:WEIGHT (WEIGHT: auto, paper or a number), e.g. ssim ssim:paper (default: fitnet)",
+        help="METHOD or METHOD:WEIGHT (WEIGHT: auto, paper or a number), e.g. ssim ssim:paper",
     )
-    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default: 0 1)")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds per row")
     a.add_argument("--out", default="runs/bench-accuracy", help="run directories (reused: a rerun resumes)")
     a.add_argument(
         "--json",
         default=None,
-        help="write the committed-results JSON here (command, commit, date, machine, AP x100 per seed)",
+        help="also write the results JSON here (command, commit, date, machine, AP x100 per seed; default: none)",
     )
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
@@ -62,14 +73,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_speed_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from detkd.bench.speed import format_results, gpu_scale, run_speed, write_results
 
     extra = {"scale": gpu_scale(), "device": "cuda"} if args.gpu else {}
-    results = run_speed(out_dir=args.out, quick=args.quick, workers=args.workers, method=args.method, **extra)
+    results = run_speed(
+        out_dir=args.out,
+        quick=args.quick,
+        workers=args.workers,
+        method=args.method,
+        progress=not args.no_progress,
+        **extra,
+    )
     print(format_results(results))
-    if args.json:
-        write_results(results, args.json)
-        print(f"figures written to {args.json}")
+    path = args.json or str(Path(args.out) / "speed.json")  # always written; by default under runs/
+    write_results(results, path)
+    print(f"figures written to {path}")
     return 0
 
 

@@ -11,10 +11,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     s = dsub.add_parser("synth", help="write the deterministic synthetic shapes data set (COCO format)")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
-    s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=1000, help="training images")
+    s.add_argument("--val", type=int, default=200, help="validation images")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data set)")
     s.set_defaults(func=run_synth)
 
     i = dsub.add_parser("inspect", help="recognise a data set's format and report counts and problems")

@@ -1,16 +1,21 @@
-"""``detkd distill RECIPE method=NAME teacher=PATH [key=value ...]``."""
+"""detkd distill RECIPE method=NAME teacher=PATH [key=value ...]"""
 
 from __future__ import annotations
 
 import argparse
-import textwrap
+
+from detkd.commands._help import METHOD_DESCRIPTIONS
+
+DESCRIPTION = (
+    "Train a student recipe with distillation from a teacher checkpoint (online: the teacher runs every step)\n"
+    "or from a knowledge store built by `detkd store build` (stored: no teacher forward pass)."
+)
 
 
 def _epilog() -> str:
-    from detkd.distill.base import describe_methods
-
+    # The static list, not the registry: importing the methods would import torch just to print help.
     lines = ["methods:"]
-    lines += [f"  {name:<12} {desc}" for name, desc in describe_methods()]
+    lines += [f"  {name:<12} {desc}" for name, desc in METHOD_DESCRIPTIONS]
     lines += [
         "",
         "shorthands: method=NAME[:WEIGHT][+NAME[:WEIGHT]...]  teacher=CHECKPOINT_OR_STORE_DIR  inherit=true",
@@ -29,13 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "distill",
         help="train a student with a teacher checkpoint (online) or a knowledge store (stored)",
         epilog=_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=textwrap.dedent(__doc__ or ""),
+        description=DESCRIPTION,
     )
     p.add_argument("recipe", help="student recipe YAML")
     p.add_argument("overrides", nargs="*", help="method=..., teacher=..., or dotted key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_distill)
 
 

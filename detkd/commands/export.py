@@ -9,7 +9,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained detector (student only) to TorchScript or ONNX")
     p.add_argument("checkpoint", help="detector checkpoint (.pt)")
-    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="export format")
     p.add_argument("--size", type=int, default=None, help="inference scale (default: the training scale)")
     p.add_argument("--out", default=None, help="output file (default: next to the checkpoint)")
     p.set_defaults(func=run_export)

@@ -12,15 +12,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = ssub.add_parser("build", help="run the teacher over the training set and store its selected knowledge")
     b.add_argument("--teacher", required=True, help="teacher checkpoint")
     b.add_argument("--data", required=True, help="data set directory or annotation file")
-    b.add_argument("--format", default=None)
-    b.add_argument("--split", default="train")
+    b.add_argument(
+        "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
+    )
+    b.add_argument("--split", default="train", help="split the teacher runs over")
     b.add_argument("--size", type=int, nargs="+", default=[128], help="training scale(s): longer image side")
-    b.add_argument("--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd")
-    b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense")
+    b.add_argument(
+        "--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd", help="cell selection policy"
+    )
+    b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense (default: none)")
     b.add_argument(
         "--top-k", default=None, help="cells kept per level: one number or p3=48,p4=24,... (default: 384 // stride)"
     )
-    b.add_argument("--density", type=float, default=None, help="cap cells per level at this fraction of valid cells")
+    b.add_argument(
+        "--density",
+        type=float,
+        default=None,
+        help="cap cells per level at this fraction of valid cells (default: no cap)",
+    )
     b.add_argument("--kernel", type=int, default=3, help="NMS window (k x k)")
     b.add_argument("--threshold", type=float, default=0.0, help="relative saliency threshold")
     b.add_argument("--channel-group", type=int, default=4, help="grouped channel max pooling C -> C/r (1 = off)")
@@ -31,7 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes); "
         "default int4 for nms-ksd / detections, float16 for dense",
     )
-    b.add_argument("--views", choices=["both", "noflip"], default="both", help="store both flips (default)")
+    b.add_argument(
+        "--views",
+        choices=["both", "noflip"],
+        default="both",
+        help="views stored per image: both flips, or unflipped only",
+    )
     b.add_argument(
         "--mirror-flips",
         action="store_true",
@@ -48,32 +62,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="signed",
         help="Grad-CAM form of the stored maps: signed (paper) or abs (released GKD code)",
     )
-    b.add_argument("--teacher-ap", type=float, default=None, help="record this teacher AP (default: the checkpoint's)")
+    b.add_argument(
+        "--teacher-ap", type=float, default=None, help="record this teacher AP, a fraction (default: the checkpoint's)"
+    )
     b.add_argument(
         "--check-teacher",
         action="store_true",
         help="when the checkpoint records no AP, measure it on --val-split first (one evaluation pass)",
     )
     b.add_argument("--val-split", default="val", help="split --check-teacher evaluates on")
-    b.add_argument("--shard", type=int, default=None, help="build shard i of --num-shards (one process each)")
-    b.add_argument("--num-shards", type=int, default=None)
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--workers", type=int, default=2)
-    b.add_argument("--device", default="auto")
+    b.add_argument(
+        "--shard",
+        type=int,
+        default=None,
+        help="build shard i of --num-shards, one process each (default: one unsharded build)",
+    )
+    b.add_argument("--num-shards", type=int, default=None, help="number of shards (default: one unsharded build)")
+    b.add_argument("--batch-size", type=int, default=8, help="images per teacher batch")
+    b.add_argument("--workers", type=int, default=2, help="data loader worker processes (0 = in process)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     b.add_argument("--out", required=True, help="store directory (re-running the command resumes a build)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
     m = ssub.add_parser("merge", help="merge the shards of a split build into one record file")
-    m.add_argument("store")
+    m.add_argument("store", help="store directory")
     m.set_defaults(func=run_merge)
 
     i = ssub.add_parser("info", help="what a store holds: size per image-view against dense maps, views, teacher")
-    i.add_argument("store")
+    i.add_argument("store", help="store directory")
     i.set_defaults(func=run_info)
 
     v = ssub.add_parser("verify", help="re-read every record and check its checksum and the manifest counts")
-    v.add_argument("store")
+    v.add_argument("store", help="store directory")
     v.add_argument("--allow-gaps", action="store_true", help="accept image views the build skipped (unreadable images)")
     v.set_defaults(func=run_verify)
 
@@ -177,7 +198,7 @@ def run_info(args: argparse.Namespace) -> int:
     print(
         f"  teacher sha256 {info['teacher_hash'][:16]}...  {info['architecture'].get('family')}/"
         f"{info['architecture'].get('backbone')} FPN-{info['architecture'].get('fpn_channels')}"
-        + (f", AP {build['teacher_ap']:.4f}" if build.get("teacher_ap") is not None else "")
+        + (f", AP (x100) {100 * build['teacher_ap']:.1f}" if build.get("teacher_ap") is not None else "")
         + (" (WEAK TEACHER: distilling from it will not help)" if _weak(build.get("teacher_ap")) else "")
     )
     print(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -18,13 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-style evaluation of a checkpoint")
     e.add_argument("--checkpoint", required=True, help="detector checkpoint (.pt)")
     e.add_argument("--data", required=True, help="data set directory or annotation file")
-    e.add_argument("--format", default=None, help="data format (default: detect)")
-    e.add_argument("--split", default="val")
+    e.add_argument(
+        "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
+    )
+    e.add_argument("--split", default="val", help="split to evaluate")
     e.add_argument("--size", type=int, default=None, help="evaluation scale (default: the checkpoint's)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", default=None, help="write the metrics here (default: next to the checkpoint)")
+    e.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    e.add_argument("--workers", type=int, default=2, help="data loader worker processes (0 = in process)")
+    e.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    e.add_argument("--json", default=None, help="write the metrics here (default: CHECKPOINT with suffix .eval.json)")
     e.set_defaults(func=run_eval)
 
 
@@ -41,9 +42,9 @@ def run_train(args: argparse.Namespace) -> int:
 def print_summary(metrics: dict, out: str) -> None:
     if not metrics:  # a non-main DDP rank: rank 0 reports
         return
-    keys = ("AP", "AP50", "AP75", "voc_map50")
-    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
-    print(f"done: {shown}  (run directory: {out})")
+    from detkd.engine.evaluate import ap_summary
+
+    print(f"done: {ap_summary(metrics) or 'no evaluation'}  (run directory: {out})")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -53,6 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from detkd.engine.evaluate import format_table
     from detkd.engine.inference import evaluate
     from detkd.errors import DetkdError
+    from detkd.jsonio import dumps
     from detkd.models.checkpoint import load_detector
     from detkd.runner import resolve_device
 
@@ -70,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = evaluate(detector.to(device), loader, source, device=device)
     print(format_table(result))
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
-    out.write_text(json.dumps(result.to_dict(), indent=2))
+    out.write_text(dumps(result.to_dict(), indent=2))  # strict JSON: null for undefined metrics
     print(f"metrics written to {out}")
     return 0
 

@@ -87,7 +87,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             left_out_unstored=left_out,
         )
         if run_info["teacher_ap"] is not None:
-            log.info("stored teacher's AP (measured at build time): %.4f", run_info["teacher_ap"])
+            log.info("stored teacher's AP (x100, measured at build time): %.1f", 100 * run_info["teacher_ap"])
         if cfg.check_teacher and rank == 0:
             if run_info["teacher_ap"] is None:
                 log.warning("%s records no teacher AP: the weak-teacher check was skipped", cfg.teacher)
@@ -178,7 +178,7 @@ def check_teacher(teacher, bundle, recipe: Recipe, device) -> float:
         workers=recipe.data.workers,
         device=device,
     )
-    log.info("teacher on %s: AP %.4f, AP50 %.4f", recipe.data.val_split, ap, ap50)
+    log.info("teacher on %s: AP (x100) %.1f, AP50 (x100) %.1f", recipe.data.val_split, 100 * ap, 100 * ap50)
     warn_if_weak_teacher(
         ap, where=str(cfg.teacher), expected_student_ap=cfg.expected_student_ap, min_gain=cfg.min_teacher_gain
     )

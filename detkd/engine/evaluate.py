@@ -334,16 +334,28 @@ def all_point_ap(tp: np.ndarray, fp: np.ndarray, n_gt: int) -> float:
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
 
 
+# Names users read for the metric keys; every printed AP is x100 (files keep fractions in [0, 1]).
+AP_LABELS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "voc_map50": "VOC mAP@0.5"}
+
+
+def _pct(v: float | None, width: int = 5) -> str:
+    return "n/a".rjust(width) if v is None or not math.isfinite(v) else f"{100 * v:{width}.1f}"
+
+
+def ap_summary(metrics: Mapping, keys: Iterable[str] = ("AP", "AP50", "AP75", "voc_map50")) -> str:
+    """One line of the metrics present, x100 and labelled: "AP (x100): AP 6.3, AP50 12.1"; "" if none."""
+    shown = [f"{AP_LABELS.get(k, k)} {_pct(metrics[k], 0)}" for k in keys if k in metrics]
+    return "AP (x100): " + ", ".join(shown) if shown else ""
+
+
 def format_table(result: EvalResult) -> str:
-    """Overall metrics, then AP and AP50 per class, in percent."""
-
-    def pct(v: float | None) -> str:
-        return "  n/a" if v is None or math.isnan(v) else f"{100 * v:5.1f}"
-
+    """Overall metrics, then AP and AP50 per class, x100."""
+    pct = _pct
     width = max([5, *(len(n) for n in result.per_class_ap)])
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     lines = [
         f"images {result.num_images}, detections {result.num_detections}",
+        "AP (x100): COCO AP@[.5:.95], AP50, AP75, AP by object size (s/m/l); VOC mAP@0.5",
         "  " + " ".join(f"{k:>5}" for k in keys) + " | VOC mAP@0.5",
         "  " + " ".join(pct(getattr(result, k)) for k in keys) + f" | {pct(result.voc_map50):>11}",
         "",

@@ -4,7 +4,9 @@
 column per key: a loss term that appears later (a distiller switched on after warm-up, a
 validation loss) needs no header rewrite, rows from different phases never leave holes, and
 dropping the epochs a resumed run redoes is a plain row filter. ``metrics.jsonl`` holds one JSON
-object per evaluated epoch (nested values such as per-class AP included).
+object per evaluated epoch (nested values such as per-class AP included; strict JSON, NaN -> null);
+its numbers are also rows of ``log.csv`` with phase "val" (``per_class_ap/<class>`` for nested ones).
+Epoch numbers are whatever the caller passes; the trainer numbers epochs from 1.
 
 Resuming: opening an existing run directory appends. ``truncate_after(epoch)`` drops the rows and
 metric lines of later epochs and makes TensorBoard hide their events (``purge_step``), so curves
@@ -21,6 +23,8 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from detkd.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +65,31 @@ class RunLogger:
         self._step = max(self._step, int(step))
 
     def log_metrics(self, epoch: int, metrics: Mapping, *, step: int | None = None) -> None:
-        """One JSON line ``{"epoch", "step", **metrics}``; numbers (and dicts of numbers) to TensorBoard.
+        """One JSON line ``{"epoch", "step", **metrics}``; its numbers (and dicts of numbers) also go to
+        log.csv (phase "val") and TensorBoard (``val/<key>``).
 
-        ``step`` defaults to the last step logged, so validation curves share the training x axis.
+        ``step``: the step the metrics were measured at (the trainer passes it); without it, the last
+        step logged, so validation curves share the training x axis.
         """
         step = self._step if step is None else int(step)
         self._step = max(self._step, step)
         with open(self.metrics_path, "a") as f:
             f.write(_json_line({**metrics, "epoch": int(epoch), "step": step}))
+        numbers = list(_numbers(metrics, prefix="val"))
+        for tag, v in numbers:
+            self._writer.writerow([step, int(epoch), "val", tag.removeprefix("val/"), repr(v)])
+        self._csv.flush()
         tb = self._tb_writer()
         if tb is not None:
-            for tag, v in _numbers(metrics, prefix="val"):
+            for tag, v in numbers:
                 tb.add_scalar(tag, v, step)
             tb.flush()
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop everything logged for epochs > ``epoch`` (a resumed run redoes them); -1 drops all."""
+        """Drop everything logged for epochs > ``epoch`` (a resumed run redoes them).
+
+        A number below the first epoch drops all: 0 for the trainer's epochs, which start at 1.
+        """
         self._csv.close()
         rows = [[r[k] for k in CSV_FIELDS] for r in _csv_rows(self.csv_path) if r["epoch"] <= epoch]
         _atomic_write(self.csv_path, _csv_text([CSV_FIELDS, *rows]))
@@ -144,8 +157,23 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return _read_jsonl(Path(run_dir) / METRICS_NAME)
 
 
+# Series with at most this many points get markers: one or two points draw no visible line.
+MARKER_POINTS = 20
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """Training loss terms per step (smoothed, left) and AP / AP50 per epoch (right) -> run_dir/curves.png."""
+    run_dir = Path(run_dir)
+    fig = draw_curves(run_dir)
+    out = run_dir / PLOT_NAME
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, out)  # a viewer never sees a half-written image
+    return out
+
+
+def draw_curves(run_dir: str | Path):
+    """The matplotlib Figure behind ``plot_run`` (the axes are ``fig.axes[:2]``: losses, AP)."""
     # The object API with no pyplot: no global backend switch, no figure registry to leak from.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -154,16 +182,20 @@ def plot_run(run_dir: str | Path) -> Path:
     series = {k: v for k, v in read_log(run_dir).items() if k != "lr" and v}
     by_epoch = {m["epoch"]: m for m in read_metrics(run_dir) if "epoch" in m}  # last line of an epoch wins
 
-    fig = Figure(figsize=(11, 4))
+    # constrained layout makes room for the loss legend outside the axes, where it covers no line.
+    fig = Figure(figsize=(11, 4), layout="constrained")
     ax_loss, ax_map = fig.subplots(1, 2)
     all_values = [v for points in series.values() for _, v in points]
     for key, points in sorted(series.items()):
         steps, values = zip(*points, strict=True)
-        ax_loss.plot(steps, _smooth(values), label=key, linewidth=1.4 if key == "loss" else 0.9)
+        marker = "o" if len(points) <= MARKER_POINTS else None
+        ax_loss.plot(
+            steps, _smooth(values), label=key, linewidth=1.4 if key == "loss" else 0.9, marker=marker, markersize=3
+        )
     if series:
         if all(v > 0 for v in all_values if math.isfinite(v)):
             ax_loss.set_yscale("log")  # loss terms span decades; a negative term forbids it
-        ax_loss.legend(fontsize=7, ncol=2)
+        ax_loss.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     else:
         ax_loss.text(0.5, 0.5, "no losses logged yet", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_xlabel("step")
@@ -171,7 +203,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
     plotted = False
     for key in ("AP", "AP50"):
-        points = sorted((e + 1, m[key]) for e, m in by_epoch.items() if isinstance(m.get(key), (int, float)))
+        points = sorted((e, 100 * m[key]) for e, m in by_epoch.items() if isinstance(m.get(key), (int, float)))
         if points:
             ax_map.plot(*zip(*points, strict=True), marker="o", label=key)  # epochs 1-based, as in the progress bar
             plotted = True
@@ -182,14 +214,9 @@ def plot_run(run_dir: str | Path) -> Path:
         ax_map.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_map.transAxes)
     ax_map.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_map.set_xlabel("epoch")
-    ax_map.set_ylabel("mAP")
+    ax_map.set_ylabel("AP (x100), validation")
     fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    out = run_dir / PLOT_NAME
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, out)  # a viewer never sees a half-written image
-    return out
+    return fig
 
 
 def _smooth(values, max_alpha: float = 0.9) -> list[float]:
@@ -252,7 +279,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _json_line(item: Mapping) -> str:
-    return json.dumps(item, default=_to_builtin) + "\n"
+    return dumps(item, default=_to_builtin) + "\n"  # strict JSON: NaN is written as null
 
 
 def _to_builtin(obj):

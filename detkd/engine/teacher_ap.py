@@ -41,13 +41,13 @@ def warn_if_weak_teacher(
         return messages
     if not ap >= WEAK_TEACHER_AP:
         messages.append(
-            f"!!! the teacher's AP is {ap:.4f}{suffix}: is it trained, and is this the right checkpoint? "
+            f"!!! the teacher's AP (x100) is {100 * ap:.1f}{suffix}: is it trained, and is this the right checkpoint? "
             "Distilling from it will not help the student."
         )
     if expected_student_ap is not None and not ap >= expected_student_ap + min_gain:
         messages.append(
-            f"!!! teacher AP {ap:.4f}{suffix} is not clearly better than the student's expected "
-            f"{expected_student_ap:.4f} (+{min_gain:.3f}): distillation is unlikely to help"
+            f"!!! teacher AP (x100) {100 * ap:.1f}{suffix} is not clearly better than the student's expected "
+            f"{100 * expected_student_ap:.1f} (+{100 * min_gain:.1f}): distillation is unlikely to help"
         )
     for m in messages:
         log.warning("%s", m)

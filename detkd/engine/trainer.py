@@ -3,11 +3,16 @@
 Determinism: every epoch reseeds torch from (seed, epoch) and the loader's order and views
 depend only on (seed, epoch), so a run resumed from its epoch checkpoint retraces exactly
 the steps of an uninterrupted run.
+
+Epochs are numbered from 1 wherever they are recorded or shown: the progress bar and log lines,
+``metrics.json`` (last and history), ``metrics.jsonl``, ``log.csv`` and ``curves.png``, and the
+checkpoints' ``epoch`` (the last completed epoch, i.e. the number of epochs done). Only the loop
+index inside ``fit`` (and its ``stop_after``) counts from 0. An evaluation is recorded with the
+step it ran after (the epoch's last step).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,10 +26,12 @@ from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, set_epoch
+from detkd.engine.evaluate import ap_summary
 from detkd.engine.inference import evaluate
 from detkd.engine.optim import build_optimizer, build_scheduler
 from detkd.engine.run_log import RunLogger, plot_run, read_metrics
 from detkd.errors import DetkdError
+from detkd.jsonio import dumps
 from detkd.models.checkpoint import checkpoint_weights, read_checkpoint, remove_stale_temps, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -130,7 +137,8 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def _train_state(self, epoch: int) -> dict:
         return {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs done; 1-based like every other record of the run
+            "epoch_numbering": 1,  # absent in checkpoints whose "epoch" was the 0-based index
             "best_ap": self.best_ap,
             "history": self.history,
             "optimizer": self.optimizer.state_dict(),
@@ -140,7 +148,7 @@ class Trainer:
         }
 
     def _save(self, name: str, epoch: int, *, with_state: bool, metrics: dict | None = None) -> None:
-        extra = {"epoch": epoch, "metrics": metrics or {}, "run": self.run_info}
+        extra = {"epoch": epoch + 1, "metrics": metrics or {}, "run": self.run_info}
         if with_state:
             extra["train_state"] = self._train_state(epoch)
         save_checkpoint(self.out_dir / name, self.student, class_names=self.class_names, extra=extra)
@@ -170,11 +178,12 @@ class Trainer:
         else:
             self.scaler.load_state_dict(state["scaler"])
         self._scale = self.scaler.get_scale()
-        self.start_epoch = state["epoch"] + 1
+        # start_epoch is the 0-based loop index of the next epoch = the number of epochs done.
+        self.start_epoch = state["epoch"] if state.get("epoch_numbering") == 1 else state["epoch"] + 1
         self.best_ap = state["best_ap"]
         self.history = state["history"]
         self.resumed_metrics = dict(payload.get("metrics") or {})
-        log.info("resumed from %s after epoch %d", path, state["epoch"])
+        log.info("resumed from %s after epoch %d", path, self.start_epoch)
         return True
 
     # -- loop ----------------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ class Trainer:
         """Train to ``epochs`` (or stop after epoch index ``stop_after``, for tests and partial runs)."""
         logger = RunLogger(self.out_dir, tensorboard=True) if self.is_main else None
         if logger is not None:
-            logger.truncate_after(self.start_epoch - 1)
+            logger.truncate_after(self.start_epoch)  # keep the epochs done (logged 1-based)
         step = self.start_epoch * len(self.train_loader)
         final: dict = {}
         if self.start_epoch >= self.epochs and self.resumed_metrics is not None:
@@ -201,10 +210,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 step, images, skipped = self._train_epoch(epoch, step, logger)
                 seconds = time.perf_counter() - t0
-                metrics = {"epoch": epoch, "epoch_seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
+                metrics = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "epoch_seconds": seconds,
+                    "images_per_second": images / max(seconds, 1e-9),
+                }
                 if skipped:
                     metrics["skipped_images"] = skipped
-                    log.warning("epoch %d: %d images could not be read and were skipped", epoch, skipped)
+                    log.warning("epoch %d: %d images could not be read and were skipped", epoch + 1, skipped)
                 if hasattr(self.task, "weight_report"):  # which rule set each distillation weight, and its value
                     metrics["distill_weights"] = self.task.weight_report()
                 last_epoch = epoch == self.epochs - 1
@@ -238,7 +252,7 @@ class Trainer:
             self._save(BEST, epoch, with_state=False, metrics=metrics)
         self._save(LAST, epoch, with_state=True, metrics=metrics)
         self._write_run_files(epoch, metrics, logger)
-        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("AP", "AP50", "voc_map50") if k in metrics)
+        shown = ap_summary(metrics)
         log.info(
             "epoch %d/%d done in %.1fs (%.1f img/s)%s",
             epoch + 1,
@@ -250,14 +264,14 @@ class Trainer:
 
     def _write_run_files(self, epoch: int, metrics: dict, logger: RunLogger, *, log_metrics: bool = True) -> None:
         """The files written after an epoch's checkpoint: metrics log, curves, metrics.json."""
-        if log_metrics:
-            logger.log_metrics(epoch, metrics)
+        if log_metrics:  # at the step evaluated at, not the last one logged
+            logger.log_metrics(epoch + 1, metrics, step=metrics.get("step"))
         plot_run(self.out_dir)
-        (self.out_dir / "metrics.json").write_text(json.dumps({"last": metrics, "history": self.history}, indent=2))
+        (self.out_dir / "metrics.json").write_text(dumps({"last": metrics, "history": self.history}, indent=2))
 
     def _finish_run(self, epoch: int, metrics: dict, logger: RunLogger) -> None:
         """Redo the end-of-run writes of a run whose final checkpoint exists (idempotent)."""
-        logged = any(m.get("epoch") == epoch for m in read_metrics(self.out_dir))
+        logged = any(m.get("epoch") == epoch + 1 for m in read_metrics(self.out_dir))  # logged 1-based
         self._write_run_files(epoch, metrics, logger, log_metrics=not logged)
         log.info("run already trained to epoch %d; wrote its end-of-run files", epoch + 1)
 
@@ -283,7 +297,7 @@ class Trainer:
             if self.step_hook is not None:
                 self.step_hook(step, losses)
             if logger is not None and (step % self.log_every == 0 or step == 1):
-                logger.log_scalars(step, epoch, {**losses, "lr": self.optimizer.param_groups[0]["lr"]}, "train")
+                logger.log_scalars(step, epoch + 1, {**losses, "lr": self.optimizer.param_groups[0]["lr"]}, "train")
             bar.set_postfix(loss=f"{losses['loss']:.3f}")
         return step, images, skipped
 

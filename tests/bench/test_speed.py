@@ -2,6 +2,7 @@
 consistent with the store it measured (the numbers themselves belong in README, not tests)."""
 
 import json
+import logging
 import math
 import statistics
 
@@ -10,11 +11,18 @@ from detkd.models.builders import DetectorSpec
 from detkd.store.reader import store_info
 
 
-def test_run_speed_reports_every_ratio(tmp_path):
+def test_run_speed_reports_every_ratio(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="detkd")
     student = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=16, head_convs=1)
     teacher = DetectorSpec(family="fcos", backbone="resnet18", num_classes=6, fpn_channels=32, head_convs=1)
     scale = SpeedScale(images=16, size=64, batch_size=4, rounds=2, steps_per_round=1, student=student, teacher=teacher)
     r = run_speed(out_dir=tmp_path / "bench", scale=scale, workers=0)
+    # Progress throughout: a line as each phase starts, a bar over the rounds of the long ones.
+    assert [m.split(":")[0] for m in caplog.messages if m.startswith("bench speed [")] == [
+        f"bench speed [{i}/4]" for i in range(1, 5)
+    ]
+    bars = capsys.readouterr().err
+    assert "inference / build rounds" in bars and "step-time rounds" in bars
 
     for key in (
         "stored_over_student_step_ratio",

@@ -33,7 +33,7 @@ def test_build_info_verify_and_a_damaged_record(setup, capsys):
     root, data = setup
     assert store_build(root, data, "s", "--top-k", "p3=4,p4=2", "--channel-group", "2") == 0
     out = capsys.readouterr().out
-    assert "complete" in out and "AP 0.4000" in out and "policy nms-ksd  channel_group 2" in out
+    assert "complete" in out and "AP (x100) 40.0" in out and "policy nms-ksd  channel_group 2" in out
     assert "6 images, 12 image-views" in out and "views s64, s64-flip" in out and "over 1 run(s)" in out
     # Dense fp16 FPN maps of a 64 px canvas: 16 channels x (64 + 16 + 4 + 1 + 1) cells x 2 bytes.
     assert "dense fp16 FPN maps" in out and " vs 2752 dense" in out

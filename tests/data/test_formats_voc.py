@@ -113,6 +113,7 @@ def test_malformed_xml_outside_the_split_is_left_out_of_class_discovery(tmp_path
 
 def test_missing_split_file(tmp_path):
     _xml(tmp_path, "a", [])
+    _split(tmp_path, "train", ["a"])  # with no split files at all the split is generated (test_layouts_and_names.py)
     with pytest.raises(DataError, match=r"ImageSets/Main/val.txt: split file not found"):
         VocSource(tmp_path, split="val")
 

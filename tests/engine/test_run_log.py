@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from detkd.engine.run_log import RunLogger, plot_run, read_log, read_metrics
+from detkd.engine.run_log import RunLogger, draw_curves, plot_run, read_log, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +31,13 @@ def test_round_trip_of_values_and_new_keys(tmp_path):
         "cls": [(1, 1e-9)],
         "kd_fgd": [(2, 123456.789012345)],
     }
-    assert read_log(tmp_path, phase="val") == {"loss": [(2, 7.0)]}
+    # The metrics line's numbers are validation rows too (nested ones as key/subkey; None is no number).
+    assert read_log(tmp_path, phase="val") == {
+        "loss": [(2, 7.0)],
+        "AP": [(2, 0.25)],
+        "AP50": [(2, 0.5)],
+        "per_class_ap/a": [(2, 0.125)],
+    }
     assert read_metrics(tmp_path) == [
         {"AP": 0.25, "AP50": 0.5, "per_class_ap": {"a": 0.125, "b": None}, "epoch": 0, "step": 2}
     ]
@@ -114,10 +120,56 @@ def test_plot_run_with_partial_logs(tmp_path, what):
     assert _png_size(plot_run(tmp_path)) == (1100, 400)
 
 
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_metrics_with_nan_and_numpy_values(tmp_path):
     np = pytest.importorskip("numpy")
     with RunLogger(tmp_path, tensorboard=False) as logger:
-        logger.log_metrics(0, {"APs": math.nan, "AP": np.float32(0.5), "hist": np.arange(3)})
+        logger.log_metrics(1, {"APs": math.nan, "AP": np.float32(0.5), "hist": np.arange(3), "inf": np.float64("inf")})
     (m,) = read_metrics(tmp_path)
-    assert math.isnan(m["APs"]) and m["AP"] == 0.5 and m["hist"] == [0, 1, 2]
-    json.loads((tmp_path / "metrics.jsonl").read_text().replace("NaN", "null"))
+    assert m["APs"] is None and m["inf"] is None and m["AP"] == 0.5 and m["hist"] == [0, 1, 2]
+    _strict((tmp_path / "metrics.jsonl").read_text())  # strict parsers reject bare NaN / Infinity
+
+
+def test_evaluation_at_its_real_step_and_in_log_csv(tmp_path):
+    # log_every=10: the last logged step is 10, but the evaluation ran after step 13.
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        for step in (1, 10):
+            logger.log_scalars(step, 1, {"loss": 1.0}, "train")
+        logger.log_metrics(1, {"AP": 0.5}, step=13)
+    assert read_metrics(tmp_path)[0]["step"] == 13
+    assert read_log(tmp_path, phase="val") == {"AP": [(13, 0.5)]}
+
+
+def test_curves_of_a_short_run_draw_points(tmp_path):
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        logger.log_scalars(1, 1, {"loss": 2.0, "cls": 1.0}, "train")  # one logged step, one epoch
+        logger.log_metrics(1, {"AP": 0.0}, step=3)
+    ax_loss, ax_map = draw_curves(tmp_path).axes[:2]
+    for ax in (ax_loss, ax_map):
+        assert ax.lines, "nothing drawn"
+        for line in ax.lines:  # a single point draws no line segment: it needs a marker
+            assert line.get_marker() not in (None, "None", "", " ") and len(line.get_xdata()) == 1
+    assert list(ax_map.lines[0].get_xdata()) == [1]  # epoch 1, as numbered in the logs
+
+
+def test_legend_does_not_cover_the_loss_line(tmp_path):
+    with RunLogger(tmp_path, tensorboard=False) as logger:
+        for step in range(1, 301):  # a distillation run: many terms over the whole height, their sum on top
+            f = 1 / step**0.2
+            values = {"cls": f, "box": 0.8 * f, "ctr": 0.62 + 0.05 * f, "kd_fitnet": 0.3 * f, "kd_pkd": 0.15 * f}
+            values["kd_cwd"] = 0.08 * f
+            logger.log_scalars(step, 1, {**values, "loss": sum(values.values())}, "train")
+    fig = draw_curves(tmp_path)
+    fig.canvas.draw()  # lays out the figure (constrained layout)
+    ax_loss = fig.axes[0]
+    legend_box = ax_loss.get_legend().get_window_extent()
+    (loss_line,) = [line for line in ax_loss.lines if line.get_label() == "loss"]
+    points = loss_line.get_transform().transform(loss_line.get_xydata())
+    inside = [(x, y) for x, y in points if legend_box.contains(x, y)]
+    assert inside == [], f"{len(inside)} points of the total loss under the legend"

@@ -53,6 +53,20 @@ def test_resume_reaches_same_weights(tmp_path, tiny_source, spec_factory):
         # The resumed run really trained on (two more epochs), and its last.pt holds the final weights.
         assert any(not torch.equal(after_first[k], b[k]) for k in b if b[k].is_floating_point())
         saved, payload = load_detector(tmp_path / f"{family}-part" / LAST)
-        assert payload["epoch"] == 2
+        assert payload["epoch"] == 3  # epochs done, numbered from 1 as in every log of the run
         for k, v in saved.model.state_dict().items():
             assert torch.equal(v, a[k])
+
+
+def test_checkpoint_of_0_based_epochs_still_resumes(tmp_path, tiny_source, spec_factory):
+    spec = spec_factory("fcos")
+    part = _trainer(tiny_source, spec, tmp_path / "run")
+    part.fit(stop_after=0)
+    payload = torch.load(tmp_path / "run" / LAST, map_location="cpu", weights_only=False)
+    assert payload["epoch"] == 1 and payload["train_state"]["epoch"] == 1
+    # Written before epochs were numbered from 1: "epoch" was the 0-based index of the epoch done.
+    payload["train_state"]["epoch"] = 0
+    del payload["train_state"]["epoch_numbering"]
+    torch.save(payload, tmp_path / "run" / LAST)
+    resumed = _trainer(tiny_source, spec, tmp_path / "run")
+    assert resumed.resume() and resumed.start_epoch == 1

@@ -57,16 +57,16 @@ def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(tmp_path, s
     assert main(["train", recipe, "--resume", "--no-progress"]) == 0
     assert "done: AP" in capsys.readouterr().out
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["last"]["epoch"] == 0 and "AP" in saved["last"] and len(saved["history"]) == 1
+    assert saved["last"]["epoch"] == 1 and "AP" in saved["last"] and len(saved["history"]) == 1
     assert (run / "curves.png").stat().st_size > 0
-    assert [m["epoch"] for m in read_metrics(run)] == [0]
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
     assert not (run / "last.pt.tmp").exists()
     assert (run / "last.pt").read_bytes() == weights  # nothing retrained
 
     # Resuming a finished run again is harmless: the same files, no duplicate metrics line.
     assert main(["train", recipe, "--resume", "--no-progress"]) == 0
     assert json.loads((run / "metrics.json").read_text()) == saved
-    assert [m["epoch"] for m in read_metrics(run)] == [0]
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
 
 
 def test_lr_inf_is_refused_before_anything_runs(tmp_path, synth, capsys):
@@ -86,7 +86,7 @@ def test_online_path_warns_loudly_about_an_untrained_teacher(tmp_path, synth, ca
         ap = check_teacher(teacher, bundle, recipe, torch.device("cpu"))
     assert ap < WEAK_TEACHER_AP
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(w.startswith("!!! the teacher's AP is") and "(untrained.pt)" in w for w in warnings)
+    assert any(w.startswith("!!! the teacher's AP (x100) is") and "(untrained.pt)" in w for w in warnings)
 
 
 @pytest.mark.parametrize(

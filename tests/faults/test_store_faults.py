@@ -359,9 +359,9 @@ def test_a_weak_teacher_is_recorded_and_flagged_at_build_and_at_run(world, tmp_p
     with caplog.at_level(logging.WARNING):
         manifest = build(tmp_path, data, "weak", teacher="weak.pt")
     assert manifest.extra["teacher_ap"] == 0.001 and manifest.extra["teacher_ap_source"] == "recorded in the checkpoint"
-    assert "!!! the teacher's AP is 0.0010 (recorded in the checkpoint): is it trained" in caplog.text
+    assert "!!! the teacher's AP (x100) is 0.1 (recorded in the checkpoint): is it trained" in caplog.text
     rc, text, _ = run_cli(["store", "info", str(tmp_path / "weak")], capsys)
-    assert rc == 0 and "AP 0.0010 (WEAK TEACHER" in text
+    assert rc == 0 and "AP (x100) 0.1 (WEAK TEACHER" in text
     caplog.clear()
     from detkd.config import load_recipe
     from detkd.distill.run import distill
@@ -371,7 +371,7 @@ def test_a_weak_teacher_is_recorded_and_flagged_at_build_and_at_run(world, tmp_p
     recipe["distill"] = {"teacher": str(tmp_path / "weak"), "methods": [{"name": "fitnet"}]}
     with caplog.at_level(logging.WARNING):
         distill(load_recipe(None, recipe), progress=False, stop_after=1)
-    assert "!!! the teacher's AP is 0.0010 (recorded in the store): is it trained" in caplog.text
+    assert "!!! the teacher's AP (x100) is 0.1 (recorded in the store): is it trained" in caplog.text
 
 
 def test_the_online_path_warns_in_the_same_words(tmp_path, monkeypatch, caplog):
@@ -386,8 +386,8 @@ def test_the_online_path_warns_in_the_same_words(tmp_path, monkeypatch, caplog):
     )
     with caplog.at_level(logging.WARNING):
         assert run.check_teacher(None, SimpleNamespace(val_source=None, policy=None), recipe, "cpu") == 0.001
-    assert "!!! the teacher's AP is 0.0010 (t.pt): is it trained, and is this the right checkpoint?" in caplog.text
-    assert "!!! teacher AP 0.0010 (t.pt) is not clearly better than the student's expected 0.3000" in caplog.text
+    assert "!!! the teacher's AP (x100) is 0.1 (t.pt): is it trained, and is this the right checkpoint?" in caplog.text
+    assert "!!! teacher AP (x100) 0.1 (t.pt) is not clearly better than the student's expected 30.0" in caplog.text
 
 
 def test_check_teacher_measures_an_unknown_teacher_ap_at_build(world, tmp_path):

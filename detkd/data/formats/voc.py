@@ -1,7 +1,22 @@
-"""Pascal VOC xml with ImageSets split files; ``difficult`` objects become ignore regions."""
+"""Pascal VOC xml; ``difficult`` objects become ignore regions.
+
+Two layouts are read:
+
+- standard: ``Annotations/*.xml``, images in ``JPEGImages/``, splits in ``ImageSets/Main/{split}.txt``;
+- flat: the xml files and their images side by side in one directory.
+
+Without split files (the flat layout, or ``Annotations/`` + ``JPEGImages/`` with no ``ImageSets/Main/``)
+the split is generated: an image goes to ``val`` when the SHA-256 of ``"{SPLIT_SEED}:{file stem}"``,
+read as a number in [0, 1), is at least ``TRAIN_FRACTION`` (0.8), else to ``train`` (80/20); the
+``trainval`` split is all of them. It depends only on the file stems, so it is the same on every
+machine, in every run, and adding images never moves the others. (If a data set of two or more
+images would leave a split empty, the image with the highest hash value goes to ``val``.)
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +33,13 @@ from detkd.data.formats.base import (
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
-__all__ = ["VocSource", "stable_image_id", "IMAGE_SUFFIXES", "read_split_file"]
+__all__ = ["VocSource", "stable_image_id", "IMAGE_SUFFIXES", "read_split_file", "voc_layout", "generated_split"]
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED = 0
+TRAIN_FRACTION = 0.8
+GENERATED_SPLITS = ("train", "val", "trainval")
 
 # The problem kind of an annotation file that could not be read or parsed (its image is skipped).
 MALFORMED_FILE = "malformed annotation file"
@@ -41,7 +62,8 @@ class _Annotation:
 
 @FORMATS.register("voc")
 class VocSource(DetectionSource):
-    """``root/Annotations/*.xml``, ``root/JPEGImages/*``, ``root/ImageSets/Main/{split}.txt``.
+    """``root/Annotations/*.xml``, ``root/JPEGImages/*``, ``root/ImageSets/Main/{split}.txt``, or the
+    flat layout with a generated split (see the module docstring).
 
     Class names are the given list, or else every object name found in the data set's xml files
     (all of them, not this split's only, so every split gets the same labels), sorted.
@@ -52,8 +74,8 @@ class VocSource(DetectionSource):
     def __init__(self, root: str | Path, split: str = "train", class_names: list[str] | None = None) -> None:
         root = Path(root)
         problems = ProblemLog()
-        ann_dir, image_dir = root / "Annotations", root / "JPEGImages"
-        stems = read_split_file(root / "ImageSets" / "Main" / f"{split}.txt")
+        ann_dir, image_dir, split_dir = voc_layout(root)
+        stems = read_split_file(split_dir / f"{split}.txt") if split_dir else generated_split(ann_dir, split)
         # One unreadable xml costs its image only (counted, reported by name), as a corrupt image does.
         parsed: dict[str, _Annotation | DataError | None] = {}
         for stem in stems:
@@ -120,10 +142,65 @@ class VocSource(DetectionSource):
         super().__init__(records, class_names, problems)
 
 
+def voc_layout(root: Path) -> tuple[Path, Path, Path | None]:
+    """(annotation folder, image folder, split-file folder or None for a generated split) of a VOC
+    data set; the error names the piece that is missing."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data set directory")
+    ann_dir = root / "Annotations"
+    if ann_dir.is_dir():
+        image_dir = root / "JPEGImages"
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir}: image folder not found (the VOC layout keeps images beside Annotations/)")
+        split_dir = root / "ImageSets" / "Main"
+        return ann_dir, image_dir, split_dir if split_dir.is_dir() else None
+    if any(root.glob("*.xml")):
+        return root, root, None  # flat: xml files and images side by side
+    raise DataError(
+        f"{root}: no VOC annotations; looked for Annotations/*.xml with JPEGImages/ (standard layout) "
+        "and for *.xml files beside their images (flat layout)"
+    )
+
+
+def generated_split(ann_dir: Path, split: str) -> list[str]:
+    """The file stems of ``split`` (train, val or trainval) by the seeded hash of each stem (module docstring)."""
+    if split not in GENERATED_SPLITS:
+        raise DataError(
+            f"{ann_dir}: no split files (ImageSets/Main/*.txt), so the split is generated and is one of "
+            f"{', '.join(GENERATED_SPLITS)}, not {split!r}; write ImageSets/Main/{split}.txt to define it"
+        )
+    stems = sorted(p.stem for p in ann_dir.glob("*.xml"))
+    if not stems:
+        raise DataError(f"{ann_dir}: no .xml annotation files")
+    value = {s: _stem_hash(s) for s in stems}
+    val = {s for s in stems if value[s] >= TRAIN_FRACTION}
+    if len(stems) >= 2 and (not val or len(val) == len(stems)):  # tiny sets: both splits non-empty
+        val = {max(stems, key=value.__getitem__)}
+    chosen = stems if split == "trainval" else [s for s in stems if (s in val) == (split == "val")]
+    log.info(
+        "%s: no split files; generated split %s: %d of %d images (%d%% / %d%% train / val by a seeded hash of "
+        "the file stem)",
+        ann_dir,
+        split,
+        len(chosen),
+        len(stems),
+        round(100 * TRAIN_FRACTION),
+        round(100 * (1 - TRAIN_FRACTION)),
+    )
+    return chosen
+
+
+def _stem_hash(stem: str) -> float:
+    digest = hashlib.sha256(f"{SPLIT_SEED}:{stem}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def read_split_file(path: Path) -> list[str]:
     """Image ids of a split file, first token of each line (class files hold ``id  1``), no repeats."""
     if not path.is_file():
-        raise DataError(f"{path}: split file not found")
+        present = sorted(p.stem for p in path.parent.glob("*.txt") if "_" not in p.stem)
+        hint = f" (split files present: {', '.join(present)})" if present else ""
+        raise DataError(f"{path}: split file not found{hint}")
     text = read_annotation_text(path, allow_empty=True)
     return list(dict.fromkeys(ln.split()[0] for ln in text.splitlines() if ln.strip()))
 

@@ -1,4 +1,9 @@
-"""YOLO txt: images/{split}/*, labels/{split}/*.txt with ``class cx cy w h`` normalised, a names file."""
+"""YOLO txt: images/{split}/*, labels/{split}/*.txt with ``class cx cy w h`` normalised, a names file.
+
+Class names, first found: the ``names`` argument (recipe key ``data.names``), then in the data set
+directory ``data.yaml``, ``dataset.yaml``, ``config.yaml`` (a ``names:`` list or {index: name}
+mapping; the public COCO128 export ships ``config.yaml``), ``classes.txt``, ``obj.names`` (one a line).
+"""
 
 from __future__ import annotations
 
@@ -18,13 +23,17 @@ from detkd.data.formats.base import (
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
-NAME_FILES = ("data.yaml", "dataset.yaml", "classes.txt", "obj.names")
+YAML_NAME_FILES = ("data.yaml", "dataset.yaml", "config.yaml")  # a ``names:`` key
+TEXT_NAME_FILES = ("classes.txt", "obj.names")  # one name a line
+NAME_FILES = (*YAML_NAME_FILES, *TEXT_NAME_FILES)
+# config.yaml is a generic name: without a ``names`` key it is some other tool's file, not an error.
+OPTIONAL_NAMES_KEY = ("config.yaml",)
 
 
 def read_names(root: Path) -> list[str]:
-    """Class names from ``data.yaml`` / ``dataset.yaml`` (``names:`` list or {index: name}),
-    else ``classes.txt`` / ``obj.names`` (one a line)."""
-    for name in NAME_FILES[:2]:
+    """Class names from the first of NAME_FILES in ``root`` that has them (see the module docstring)."""
+    skipped = []
+    for name in YAML_NAME_FILES:
         path = root / name
         if not path.is_file():
             continue
@@ -44,12 +53,19 @@ def read_names(root: Path) -> list[str]:
             return [by_index[k] for k in keys]
         if isinstance(names, list) and names:
             return [str(n) for n in names]
+        if name in OPTIONAL_NAMES_KEY:
+            skipped.append(f"{name} has no 'names'")
+            continue
         raise DataError(f"{path}: no 'names' list or mapping")
-    for name in NAME_FILES[2:]:
+    for name in TEXT_NAME_FILES:
         path = root / name
         if path.is_file():
             return [ln.strip() for ln in read_annotation_text(path).splitlines() if ln.strip()]
-    raise DataError(f"{root}: no class names; looked for {', '.join(NAME_FILES)} (or pass names=)")
+    found = f" ({'; '.join(skipped)})" if skipped else ""
+    raise DataError(
+        f"{root}: no class names; looked for {', '.join(NAME_FILES)} in this directory{found}. "
+        "Write one of them, or list the names in the recipe: data.names: [name0, name1, ...]"
+    )
 
 
 @FORMATS.register("yolo")
