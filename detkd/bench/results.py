@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from detkd.jsonio import dumps
+
 
 def provenance(command: list[str] | str | None = None) -> dict[str, Any]:
     """command, commit, date (UTC) and machine of a benchmark run."""
@@ -64,21 +66,10 @@ def ap_summary(aps: list[float | None]) -> dict[str, Any]:
     }
 
 
-def strict(value: Any) -> Any:
-    """Replace non-finite floats by None, recursively (json.dumps would write NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    return value
-
-
 def write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(strict(payload), indent=2, allow_nan=False) + "\n"
+    text = dumps(payload, indent=2) + "\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

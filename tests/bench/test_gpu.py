@@ -8,7 +8,8 @@ import math
 import pytest
 
 from detkd.bench.gpu import TARGETS, judge, part_passed, run_gpu_check, speed_checks
-from detkd.bench.results import strict, write_json
+from detkd.bench.results import write_json
+from detkd.jsonio import finite_or_none as strict
 
 
 def _strict_load(path):
