@@ -73,3 +73,20 @@ def spec_factory():
 def source_factory():
     """``source_factory(root, n=8)`` -> a tiny DetectionSource written under root."""
     return make_tiny_source
+
+
+def write_tiny_recipe(tmp_path: Path, data: Path, out: Path, *, batch_size: int = 2, extra: str = "") -> Path:
+    """``tmp_path/r.yaml``: a one-epoch FCOS recipe at 64 px on ``data``, writing its run to ``out``."""
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"data: {{root: {data}, sizes: [64], batch_size: {batch_size}, workers: 0}}\n"
+        "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
+        f"train: {{epochs: 1, warmup_iters: 1, out: {out}}}\n" + extra
+    )
+    return path
+
+
+@pytest.fixture
+def recipe_factory():
+    """``recipe_factory(tmp_path, data, out, extra=...)`` -> a tiny one-epoch recipe file (see write_tiny_recipe)."""
+    return write_tiny_recipe

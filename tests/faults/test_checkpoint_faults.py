@@ -45,17 +45,6 @@ def _spec() -> DetectorSpec:
     return DetectorSpec(num_classes=len(SHAPES), fpn_channels=16, head_convs=1)
 
 
-def _recipe(tmp_path: Path, data: Path, out: Path) -> Path:
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"data: {{root: {data}, sizes: [64], batch_size: 2, workers: 0}}\n"
-        "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
-        f"train: {{epochs: 1, warmup_iters: 1, out: {out}}}\n"
-        "distill: {check_teacher: false}\n"
-    )
-    return path
-
-
 def _genuine(path: Path) -> Path:
     torch.manual_seed(0)
     save_checkpoint(path, build_detector(_spec()), class_names=SHAPES, extra={"epoch": 0})
@@ -83,9 +72,12 @@ def test_the_payload_really_runs_code_when_loaded_unsafely(tmp_path, kind):
     assert marker.read_text() == "pwned"
 
 
-def _argv(entry: str, path: Path, tmp_path: Path, synth: Path) -> list[str]:
+NO_TEACHER_CHECK = "distill: {check_teacher: false}\n"
+
+
+def _argv(entry: str, path: Path, tmp_path: Path, synth: Path, recipe_factory) -> list[str]:
     run = tmp_path / "run"
-    recipe = str(_recipe(tmp_path, synth, run))
+    recipe = str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK))
     if entry == "eval":
         return ["eval", "--checkpoint", str(path), "--data", str(synth), "--workers", "0"]
     if entry == "distill-teacher":
@@ -108,9 +100,9 @@ ENTRIES = ["eval", "distill-teacher", "model-checkpoint", "train-resume", "store
 
 @pytest.mark.parametrize("kind", ["alone", "embedded"])
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_malicious_pickle_is_refused_everywhere(tmp_path, synth, capsys, entry, kind):
+def test_malicious_pickle_is_refused_everywhere(recipe_factory, tmp_path, synth, capsys, entry, kind):
     path, marker = _malicious(tmp_path, kind)
-    argv = _argv(entry, path, tmp_path, synth)
+    argv = _argv(entry, path, tmp_path, synth, recipe_factory)
     named = tmp_path / "run" / "last.pt" if entry == "train-resume" else path
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -174,13 +166,16 @@ def test_files_that_are_not_checkpoints(tmp_path, write, message):
         read_checkpoint(path)
 
 
-def test_resume_from_a_checkpoint_without_full_training_state(tmp_path, synth, capsys):
+def test_resume_from_a_checkpoint_without_full_training_state(recipe_factory, tmp_path, synth, capsys):
     run = tmp_path / "run"
     payload = torch.load(_genuine(tmp_path / "g.pt"), weights_only=True)
     payload["train_state"] = {"epoch": 0, "best_ap": 0.1}
     run.mkdir()
     torch.save(payload, run / "last.pt")
-    assert main(["train", str(_recipe(tmp_path, synth, run)), "--resume", "--no-progress"]) == 2
+    assert (
+        main(["train", str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK)), "--resume", "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"{run / 'last.pt'}: training state lacks history, optimizer, scheduler" in err
 
@@ -243,10 +238,10 @@ def test_torch_runtime_error_on_write(tmp_path, monkeypatch, disk_full):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_training_says_so_naming_the_checkpoint(tmp_path, synth, capsys, monkeypatch):
+def test_disk_full_while_training_says_so_naming_the_checkpoint(recipe_factory, tmp_path, synth, capsys, monkeypatch):
     run = tmp_path / "run"
     monkeypatch.setattr(torch, "save", _partial_then(OSError(errno.ENOSPC, "No space left on device")))
-    assert main(["train", str(_recipe(tmp_path, synth, run)), "--no-progress"]) == 2
+    assert main(["train", str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK)), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"detkd: error: {run / 'best.pt'}: no space left on device\n" in err
     assert "Traceback" not in err

@@ -28,19 +28,11 @@ def synth(tmp_path_factory) -> Path:
     return out
 
 
-def _recipe(tmp_path: Path, data: Path, out: Path) -> Path:
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"data: {{root: {data}, sizes: [64], batch_size: 2, workers: 0}}\n"
-        "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
-        f"train: {{epochs: 1, warmup_iters: 1, out: {out}}}\n"
-    )
-    return path
-
-
-def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(tmp_path, synth, capsys, monkeypatch):
+def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(
+    recipe_factory, tmp_path, synth, capsys, monkeypatch
+):
     run = tmp_path / "run"
-    recipe = str(_recipe(tmp_path, synth, run))
+    recipe = str(recipe_factory(tmp_path, synth, run))
 
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt  # the kill lands right after last.pt was renamed into place
@@ -69,15 +61,15 @@ def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(tmp_path, s
     assert [m["epoch"] for m in read_metrics(run)] == [1]
 
 
-def test_lr_inf_is_refused_before_anything_runs(tmp_path, synth, capsys):
+def test_lr_inf_is_refused_before_anything_runs(recipe_factory, tmp_path, synth, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(_recipe(tmp_path, synth, run)), "train.lr=.inf", "--no-progress"]) == 2
+    assert main(["train", str(recipe_factory(tmp_path, synth, run)), "train.lr=.inf", "--no-progress"]) == 2
     assert "train.lr: Input should be a finite number" in capsys.readouterr().err
     assert not run.exists()
 
 
-def test_online_path_warns_loudly_about_an_untrained_teacher(tmp_path, synth, caplog):
-    recipe = load_recipe(_recipe(tmp_path, synth, tmp_path / "run"))
+def test_online_path_warns_loudly_about_an_untrained_teacher(recipe_factory, tmp_path, synth, caplog):
+    recipe = load_recipe(recipe_factory(tmp_path, synth, tmp_path / "run"))
     bundle = load_data(recipe)
     torch.manual_seed(0)
     teacher = build_detector(DetectorSpec(num_classes=bundle.train_source.num_classes, fpn_channels=16, head_convs=1))
