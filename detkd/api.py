@@ -18,7 +18,7 @@ from detkd.distill.run import distill
 from detkd.models.builders import DETECTORS, DetectorSpec, build_detector
 from detkd.models.checkpoint import load_detector, save_checkpoint
 from detkd.models.export import export_detector
-from detkd.runner import train
+from detkd.runner import evaluate_checkpoint, train
 
 __all__ = [
     "DETECTORS",
@@ -42,27 +42,3 @@ __all__ = [
     "save_checkpoint",
     "train",
 ]
-
-
-def evaluate_checkpoint(
-    checkpoint: str,
-    data: str,
-    *,
-    split: str = "val",
-    size: int = 128,
-    batch_size: int = 8,
-    device: str = "cpu",
-    format: str | None = None,
-):
-    """COCO-style metrics (EvalResult) of a detector checkpoint on one split of a data set."""
-    from detkd.data.loader import ViewedDataset, build_loader
-    from detkd.engine.inference import evaluate
-
-    detector, _ = load_detector(checkpoint)
-    source = open_source(data, format=format, split=split)
-    loader = build_loader(
-        ViewedDataset(source, ViewPolicy(sizes=(size,), flip_prob=0.0), train=False),
-        batch_size=batch_size,
-        shuffle=False,
-    )
-    return evaluate(detector.to(device), loader, source, device=device, progress=False)

@@ -48,36 +48,23 @@ def print_summary(metrics: dict, out: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from detkd.data.formats.detect import open_source
-    from detkd.data.loader import ViewedDataset, build_loader
-    from detkd.data.views import ViewPolicy
     from detkd.engine.evaluate import format_table
-    from detkd.engine.inference import evaluate
-    from detkd.errors import DetkdError
     from detkd.jsonio import dumps
-    from detkd.models.checkpoint import load_detector
-    from detkd.runner import resolve_device
+    from detkd.runner import evaluate_checkpoint
 
-    detector, payload = load_detector(args.checkpoint)
-    source = open_source(args.data, format=args.format, split=args.split)
-    names = payload.get("class_names")
-    if names and names != source.class_names:
-        raise DetkdError(f"{args.data}: classes {source.class_names} differ from the checkpoint's {names}")
-    size = args.size or checkpoint_size(payload)
-    policy = ViewPolicy(sizes=(size,), flip_prob=0.0)
-    loader = build_loader(
-        ViewedDataset(source, policy, train=False), batch_size=args.batch_size, shuffle=False, workers=args.workers
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        split=args.split,
+        size=args.size,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        format=args.format,
+        progress=True,
     )
-    device = resolve_device(args.device)
-    result = evaluate(detector.to(device), loader, source, device=device)
     print(format_table(result))
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
     out.write_text(dumps(result.to_dict(), indent=2))  # strict JSON: null for undefined metrics
     print(f"metrics written to {out}")
     return 0
-
-
-def checkpoint_size(payload: dict) -> int:
-    recipe = (payload.get("run") or {}).get("recipe") or {}
-    sizes = (recipe.get("data") or {}).get("sizes")
-    return max(sizes) if sizes else 128

@@ -42,7 +42,7 @@ def test_inspect_reports_counts(synth, capsys):
     assert "format coco" in out and "split train: 8 images" in out and "split val: 4 images" in out
 
 
-def test_train_eval_export(tmp_path, synth, capsys):
+def test_train_eval_export(tmp_path, synth, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", str(_recipe(tmp_path, synth, run)), "--no-progress"]) == 0
     assert (run / "best.pt").is_file() and (run / "curves.png").is_file() and (run / "log.csv").is_file()
@@ -53,6 +53,22 @@ def test_train_eval_export(tmp_path, synth, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(synth), "--workers", "0"]) == 0
     assert "AP50" in capsys.readouterr().out
+    # One evaluation behind the CLI and the API: the same metrics, at the size the model was trained at.
+    from detkd import api
+    from detkd.engine import inference
+    from detkd.jsonio import dumps
+
+    cli = json.loads((run / "last.eval.json").read_text())
+    sizes, real = [], inference.evaluate
+
+    def spy(detector, loader, source, **kw):
+        sizes.append(loader.dataset.policy.sizes)
+        return real(detector, loader, source, **kw)
+
+    monkeypatch.setattr(inference, "evaluate", spy)
+    via_api = json.loads(dumps(api.evaluate_checkpoint(str(run / "last.pt"), str(synth)).to_dict()))
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--data", str(synth), "--workers", "0"]) == 0
+    assert cli == via_api and sizes == [(64,), (64,)]  # the recipe's size, not a fixed 128
     assert main(["export", str(run / "last.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
     assert (tmp_path / "m.ts").stat().st_size > 0
 
