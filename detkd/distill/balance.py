@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 WEIGHT_RULES = ("auto", "paper")
 MEASURES = ("grad", "loss")  # what the auto rule balances: gradient norms on F_s, or loss values
-DEFAULT_MEASURE = "grad"
-DEFAULT_RATIO = 1.0
+DEFAULT_MEASURE = "loss"  # chosen by measurement: see README "Loss weights"
+DEFAULT_RATIO = 8.0
 DEFAULT_STEPS = 10
 
 

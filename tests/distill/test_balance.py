@@ -40,16 +40,20 @@ def _problem(scale: str, seed: int = 0):
     return levels, student, knowledge, ctx, det
 
 
-def _weighted_ratio(name: str, scale: str, weight: float | str) -> float:
+def _weighted_ratio(name: str, scale: str, weight: float | str, measure: str = "grad") -> float:
+    """The weighted method's push on the student's features over the detection loss's: gradient
+    norms (``measure="grad"``) or loss values (``"loss"``)."""
     torch.manual_seed(0)  # method parameters (adapters, generators) and MGD's mask
     levels, student, knowledge, ctx, det = _problem(scale)
     method = build_method(name, levels=levels, args={})
     torch.manual_seed(1)
     loss = sum(method(student, knowledge, ctx).values())
     feats = list(student.values())
-    balance = GradientBalance({name: weight}, ratio=0.5, steps=1)
+    balance = GradientBalance({name: weight}, ratio=0.5, steps=1, measure=measure)
     if weight == "auto":
         balance.observe(det, {name: loss}, feats)
+    if measure == "loss":
+        return balance.weight(name) * float(loss.detach()) / float(det.detach())
     return feature_grad_norm(balance.weight(name) * loss, feats) / feature_grad_norm(det, feats)
 
 
@@ -59,6 +63,16 @@ def test_auto_weight_gives_the_same_gradient_ratio_at_any_scale(name):
     auto = {scale: _weighted_ratio(name, scale, "auto") for scale in SCALES}
     for scale, ratio in auto.items():
         assert ratio == pytest.approx(0.5, rel=1e-4), (scale, ratio)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS.names()))
+def test_default_auto_rule_gives_the_same_loss_ratio_at_any_scale(name):
+    """The default measure ("loss") fixes the weighted method loss at ratio x the detection loss."""
+    auto = {scale: _weighted_ratio(name, scale, "auto", measure="loss") for scale in SCALES}
+    for scale, ratio in auto.items():
+        assert ratio == pytest.approx(0.5, rel=1e-5), (scale, ratio)
+    paper = {scale: _weighted_ratio(name, scale, "paper", measure="loss") for scale in SCALES}
+    assert any(abs(r - 0.5) > 0.05 for r in paper.values())  # not satisfied by accident at paper weights
 
 
 def test_paper_weights_do_depend_on_the_scale():
