@@ -14,11 +14,10 @@ from detkd.data.formats.detect import detect_format, open_source
 from detkd.data.synthetic import generate_synthetic
 from detkd.data.views import View, ViewPolicy
 from detkd.distill.base import METHODS, DistillMethod, describe_methods, register_method
-from detkd.distill.run import distill
 from detkd.models.builders import DETECTORS, DetectorSpec, build_detector
 from detkd.models.checkpoint import load_detector, save_checkpoint
 from detkd.models.export import export_detector
-from detkd.runner import evaluate_checkpoint, train
+from detkd.runs import distill, evaluate_checkpoint, train
 
 __all__ = [
     "DETECTORS",

@@ -53,11 +53,10 @@ def run_demo(*, out_dir: str | Path = "runs/demo", quick: bool = False, progress
     from detkd.data.formats.detect import open_source
     from detkd.data.synthetic import generate_synthetic
     from detkd.data.views import ViewPolicy
-    from detkd.distill.run import distill
-    from detkd.runner import train
+    from detkd.runs import distill, train
     from detkd.store.build import build_store
-    from detkd.store.reader import store_info
     from detkd.store.select import SelectionPolicy
+    from detkd.store.verify import store_info
 
     scale = QUICK if quick else FULL
     out = Path(out_dir)

@@ -42,8 +42,7 @@ def method_entry(spec: str) -> str:
 
 
 def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
-    from detkd.distill.run import distill
-    from detkd.runner import train
+    from detkd.runs import distill, train
 
     run_dir = out_dir / f"{row.name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
     done = run_dir / "metrics.json"

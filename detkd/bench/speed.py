@@ -23,17 +23,19 @@ from detkd.data.synthetic import generate_synthetic
 from detkd.data.views import ViewPolicy
 from detkd.distill.base import METHODS
 from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.distill.teacher import OnlineTeacher, StoredTeacher
 from detkd.engine.optim import build_optimizer
 from detkd.engine.tasks import DetectionTask
 from detkd.jsonio import dumps
+from detkd.knowledge.online import OnlineTeacher
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
 from detkd.store.format import parse_key
-from detkd.store.reader import StoreReader, store_info
+from detkd.store.reader import StoreReader
 from detkd.store.replay import providers
 from detkd.store.select import SelectionPolicy
+from detkd.store.teacher import StoredTeacher
+from detkd.store.verify import store_info
 
 log = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def method_weight(text: str, *, item: str) -> float | str:
 def run_distill(args: argparse.Namespace) -> int:
     from detkd.commands.train import print_summary
     from detkd.config import load_recipe
-    from detkd.distill.run import distill
+    from detkd.runs import distill
 
     recipe = load_recipe(args.recipe, expand_shorthands(args.overrides))
     metrics = distill(recipe, resume=args.resume, progress=not args.no_progress)

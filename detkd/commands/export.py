@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from detkd.models.checkpoint import load_detector
     from detkd.models.export import export_detector
-    from detkd.runner import checkpoint_size
+    from detkd.runs import checkpoint_size
 
     detector, payload = load_detector(args.checkpoint)
     size = args.size or checkpoint_size(payload)

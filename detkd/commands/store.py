@@ -103,7 +103,7 @@ def run_build(args: argparse.Namespace) -> int:
     from detkd.data.formats.detect import open_source
     from detkd.data.views import ViewPolicy
     from detkd.errors import ConfigError
-    from detkd.runner import resolve_device
+    from detkd.runs.setup import resolve_device
     from detkd.store.build import build_store
     from detkd.store.select import SelectionPolicy
 

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from detkd.config import load_recipe
-    from detkd.runner import train
+    from detkd.runs import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     metrics = train(recipe, resume=args.resume, progress=not args.no_progress)
@@ -50,7 +50,7 @@ def print_summary(metrics: dict, out: str) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from detkd.engine.evaluate import format_table
     from detkd.jsonio import dumps
-    from detkd.runner import evaluate_checkpoint
+    from detkd.runs import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint,

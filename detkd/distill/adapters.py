@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkd.distill.base import LevelSpec, SparseCells, TeacherKnowledge, channel_group_max, gather_cells
+from detkd.distill.base import LevelSpec
+from detkd.knowledge import SparseCells, TeacherKnowledge, channel_group_max, gather_cells
 
 ADAPTER_KINDS = ("conv1x1", "conv3x3", "identity")
 ADAPTER_INITS = ("default", "identity", "small_normal")

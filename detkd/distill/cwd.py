@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
+from detkd.knowledge import TeacherKnowledge
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:

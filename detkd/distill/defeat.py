@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
 from detkd.distill.masks import box_masks, gt_boxes
+from detkd.knowledge import TeacherKnowledge
 
 LEVEL_ASSIGNMENTS = ("scale", "all")
 

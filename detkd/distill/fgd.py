@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
 from detkd.distill.masks import box_masks, channel_attention, gt_boxes, spatial_attention
+from detkd.knowledge import TeacherKnowledge
 
 
 class GcBlock(nn.Module):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, graph_zero, teacher_cells, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, SparseCells, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
+from detkd.knowledge import SparseCells, TeacherKnowledge
 
 
 @register_method("fitnet")

@@ -11,51 +11,12 @@ import torch
 from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
 from detkd.distill.masks import box_cell_ranges, channel_attention, gt_boxes, spatial_attention, valid_cell_mask
+from detkd.knowledge import TeacherKnowledge
+from detkd.knowledge.importance import CAM_TARGETS
 
-IMPORTANCE_MODES = ("signed", "abs")
 GKD_MODES = ("gkd", "parity")
-CAM_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image: (x - min) / (max + 1e-7)
-CAM_TARGETS = ("gt", "predictions")
-
-
-def importance_maps(
-    features: dict[str, Tensor],
-    grads: dict[str, Tensor],
-    *,
-    channel_mode: str = "signed",
-    activation_mode: str = "signed",
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Grad-CAM per level from features ``A`` [N, C, H, W] and ``dL/dA`` of the same shape.
-
-    ``w_k = mean_HW(dL/dA_k)`` (``channel_mode="abs"``: of ``|dL/dA_k|``, the released code);
-    ``G = ReLU(sum_k w_k A_k)`` (``activation_mode="abs"``: ``|A_k|``, the released code), then
-    min-max normalised per image to [0, 1]. The signed forms are Grad-CAM and the paper's Eq. 1.
-
-    Returns (spatial maps ``{level: [N, 1, H, W]}``, channel weights ``{level: [N, C]}``), fp32,
-    detached. A constant map (e.g. a level the loss does not reach) normalises to zeros.
-    """
-    for mode in (channel_mode, activation_mode):
-        if mode not in IMPORTANCE_MODES:
-            raise ValueError(f"importance mode {mode!r} unknown; choose one of {IMPORTANCE_MODES}")
-    missing = sorted(set(features) - set(grads))
-    if missing:
-        raise ValueError(f"importance_maps: no gradients for levels {missing}")
-    spatial: dict[str, Tensor] = {}
-    channel: dict[str, Tensor] = {}
-    for lvl, a in features.items():
-        a = a.detach().float()
-        g = grads[lvl].detach().float()
-        if g.shape != a.shape:
-            raise ValueError(f"importance_maps: level {lvl!r} gradient {tuple(g.shape)} != features {tuple(a.shape)}")
-        w = (g.abs() if channel_mode == "abs" else g).mean(dim=(2, 3))  # [N, C]
-        act = a.abs() if activation_mode == "abs" else a
-        cam = torch.relu((w[:, :, None, None] * act).sum(dim=1, keepdim=True))  # [N, 1, H, W]
-        cam = cam - cam.amin(dim=(2, 3), keepdim=True)
-        spatial[lvl] = cam / (cam.amax(dim=(2, 3), keepdim=True) + CAM_EPS)
-        channel[lvl] = w
-    return spatial, channel
 
 
 def gaussian_box_mask(
@@ -137,7 +98,7 @@ class GKD(DistillMethod):
 
     ``mode="parity"`` reproduces the released configs (``GKD_FeatureLoss``): only
     ``gkd.cam = beta * sum |CAM^T - CAM^S| / (N H W)``, where CAM^S are the student's own
-    Grad-CAM maps from ``ctx.extras["student_importance"]`` ({level: [N, 1, H, W]}). Both maps
+    Grad-CAM maps from ``ctx.student_importance`` ({level: [N, 1, H, W]}). Both maps
     are constants, so this term trains nothing by itself (no gradient reaches the student;
     in the released code the signal is the detection loss plus inherited neck/head weights).
     In parity mode a live teacher builds its Grad-CAM like the released code (``|dL/dA|`` channel
@@ -300,17 +261,17 @@ class GKD(DistillMethod):
         return c * torch.softmax(w / self.channel_temperature, dim=1)
 
     def _parity(self, teacher: TeacherKnowledge, ctx: DistillContext) -> dict[str, Tensor]:
-        student_maps = ctx.extras.get("student_importance")
+        student_maps = ctx.student_importance
         if student_maps is None:
             raise ValueError(
-                "gkd mode='parity' needs the student's own Grad-CAM maps in ctx.extras['student_importance'] "
+                "gkd mode='parity' needs the student's own Grad-CAM maps in ctx.student_importance "
                 "({level: [N, 1, H, W]}, from importance_maps on the student's detection-loss gradients)"
             )
         total = []
         for lvl in self.levels:
             cam_t = self._importance(teacher, lvl)
             if lvl not in student_maps:
-                raise ValueError(f"gkd parity: ctx.extras['student_importance'] has no level {lvl!r}")
+                raise ValueError(f"gkd parity: ctx.student_importance has no level {lvl!r}")
             cam_s = student_maps[lvl].detach().float().to(cam_t.device).reshape(cam_t.shape)
             n, _, h, w = cam_t.shape
             total.append((cam_t - cam_s).abs().sum() / (n * h * w))

@@ -10,14 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import (
-    DistillContext,
-    DistillMethod,
-    LevelSpec,
-    TeacherKnowledge,
-    channel_group_max,
-    register_method,
-)
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
+from detkd.knowledge import TeacherKnowledge, channel_group_max
 
 
 def random_cell_mask(n: int, h: int, w: int, ratio: float, *, like: Tensor) -> Tensor:

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
-from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, TeacherKnowledge, register_method
+from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
 from detkd.distill.masks import channel_attention, spatial_attention
+from detkd.knowledge import TeacherKnowledge
 
 MASK_ORDERS = ("code", "paper")
 AT_FORMS = ("code", "paper")

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from detkd.data.loader import Batch
 from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, GradientBalance
-from detkd.distill.base import METHODS, DistillContext, DistillMethod, LevelSpec, TeacherKnowledge
-from detkd.distill.teacher import TeacherSource
+from detkd.distill.base import METHODS, DistillContext, DistillMethod, LevelSpec
 from detkd.errors import ConfigError, DetkdError
+from detkd.knowledge import TeacherKnowledge, TeacherSource
+from detkd.knowledge.importance import importance_maps
 from detkd.models.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class DistillationTask(nn.Module):
         student_feats = {lvl: feats[lvl] for lvl in self.levels}
         ctx = DistillContext(targets=batch.targets, image_sizes=batch.image_sizes, step=self.step)
         if "student_importance" in self.needs:
-            ctx.extras["student_importance"] = self._student_importance(det_losses, student_feats)
+            ctx.student_importance = self._student_importance(det_losses, student_feats)
         raw: dict[str, dict[str, Tensor]] = {}
         for name, method in self.methods.items():
             terms = method(student_feats, knowledge, ctx)
@@ -120,8 +121,6 @@ class DistillationTask(nn.Module):
     @staticmethod
     def _student_importance(det_losses: dict[str, Tensor], feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Grad-CAM of the student's own detection loss (GKD's released-code parity mode)."""
-        from detkd.distill.gkd import importance_maps
-
         grads = torch.autograd.grad(
             sum(det_losses.values()), list(feats.values()), retain_graph=True, allow_unused=True
         )

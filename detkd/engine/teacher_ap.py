@@ -17,7 +17,7 @@ from detkd.data.views import ViewPolicy
 from detkd.engine.inference import evaluate
 from detkd.models.detector import Detector
 
-log = logging.getLogger("detkd.distill.run")  # where the online path has always logged it
+log = logging.getLogger(__name__)
 
 WEAK_TEACHER_AP = 0.05
 

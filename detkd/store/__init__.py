@@ -1,5 +1,6 @@
 """The knowledge store: teacher features selected once (NMS-KSD), stored compactly, read by students."""
 
+from detkd.store.collate import collate_knowledge
 from detkd.store.format import (
     FORMAT_VERSION,
     LevelRecord,
@@ -9,7 +10,8 @@ from detkd.store.format import (
     record_key,
 )
 from detkd.store.manifest import Manifest, file_sha256, fingerprint
-from detkd.store.reader import StoreReader, collate_knowledge, mirror_levels
+from detkd.store.mirror import mirror_levels
+from detkd.store.reader import StoreReader
 from detkd.store.select import (
     SelectionPolicy,
     compress_channels,

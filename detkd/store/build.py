@@ -37,17 +37,18 @@ from detkd.models.checkpoint import file_sha256, load_detector
 from detkd.models.detector import Detector
 from detkd.store.codec import layout_dtypes
 from detkd.store.content import content_digest
-from detkd.store.format import LevelRecord, StoreError
+from detkd.store.format import StoreError
 from detkd.store.lock import BuildLock
 from detkd.store.manifest import Manifest
 from detkd.store.select import SelectionPolicy
+from detkd.store.teacher_pass import select_batch
 from detkd.store.writer import StoreWriter, shard_indices
 
 log = logging.getLogger(__name__)
 
 # Names the preprocessing of ``apply_view`` + ``Collate``; a store built under another rule is refused.
 RESIZE_RULE = "longer-side, bilinear antialias, top-left on a zero canvas"
-DEFAULT_IMPORTANCE_MODE = {"channel_mode": "signed", "activation_mode": "signed"}  # gkd.importance_maps defaults
+DEFAULT_IMPORTANCE_MODE = {"channel_mode": "signed", "activation_mode": "signed"}  # knowledge.importance defaults
 
 
 @dataclass(frozen=True)
@@ -346,45 +347,3 @@ def _feature_shapes(teacher: Detector, canvas: int, device) -> dict[str, list[in
     with torch.no_grad():
         feats = teacher.features(torch.zeros(1, 3, canvas, canvas, device=device), [(canvas, canvas)])
     return {lv: list(f.shape[-2:]) for lv, f in feats.items()}
-
-
-def teacher_selection(
-    teacher: Detector, images: torch.Tensor, image_sizes: list, policy: SelectionPolicy
-) -> list[dict[str, LevelRecord]]:
-    """Teacher forward on a batch of canvases, then ``policy``'s selection: one record per image."""
-    with torch.no_grad():
-        raw = teacher.backbone_features(images, image_sizes)
-        feats = teacher.name_features(raw)
-        detections = None
-        if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
-            detections = teacher.predict_from_features(raw, images, image_sizes)
-    return policy.select_batch(
-        feats, image_sizes=[tuple(size) for size in image_sizes], strides=teacher.strides, detections=detections
-    )
-
-
-def select_batch(teacher: Detector, batch: Batch, policy: SelectionPolicy, importance: dict | None):
-    """Teacher forward on one batch, then per image view: (image_id, view, {level: LevelRecord})."""
-    spatial = channel = None
-    if importance is not None:
-        from detkd.distill.gkd import importance_maps
-        from detkd.distill.teacher import teacher_importance
-
-        maps, channel = teacher_importance(
-            teacher, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps, **importance
-        )
-        feats = maps.pop("_features")
-        spatial = maps
-        records = policy.select_batch(
-            feats, image_sizes=[tuple(size) for size in batch.image_sizes], strides=teacher.strides
-        )
-    else:
-        records = teacher_selection(teacher, batch.images, batch.image_sizes, policy)
-    for j, (image_id, view, record) in enumerate(zip(batch.image_ids, batch.views, records, strict=True)):
-        if spatial is not None:
-            for lv, rec in record.items():
-                h, w = rec.dense.shape[-2:]
-                # Gradient channel means are tiny (they scale with the loss): fp16 would flush them to 0.
-                extras = {"gi": spatial[lv][j, :, :h, :w].half().cpu(), "gc": channel[lv][j].float().cpu()}
-                record[lv] = LevelRecord(dense=rec.dense, extras=extras)
-        yield image_id, view, record

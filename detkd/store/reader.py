@@ -1,4 +1,4 @@
-"""Reading a knowledge store: random access from many processes, batch collation, verification, info.
+"""Reading a knowledge store: random access to its records from many processes.
 
 Safe with DataLoader workers (fork or spawn) and with several processes reading at once: LMDB
 handles are opened lazily, read-only and lock-free, once per process (``lmdb_env``). Lock-free
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from detkd.data.views import View
-from detkd.distill.base import SparseCells, TeacherKnowledge
+from detkd.knowledge import KnowledgeOffer, TeacherKnowledge
 from detkd.store.codec import decode_levels
+from detkd.store.collate import collate_knowledge
 from detkd.store.format import (
     RECORDS,
     LevelRecord,
@@ -65,6 +66,13 @@ class StoreReader:
     def policy(self) -> SelectionPolicy:
         # Stores written before value_dtype existed hold float16 values.
         return SelectionPolicy.from_dict({"value_dtype": "float16", **self.manifest.policy})
+
+    def offer(self) -> KnowledgeOffer:
+        """What this store can serve to methods (checked before training: ``distill.capabilities``)."""
+        m = self.manifest
+        return self.policy.offer(
+            m.levels, importance=bool(m.preprocessing.get("importance")), describe=f"the store {self.path}"
+        )
 
     @property
     def channel_group(self) -> int:
@@ -179,109 +187,3 @@ class StoreReader:
         """Collate one batch's records (``feature_shapes`` defaults to the manifest's canvas)."""
         shapes = feature_shapes or {k: tuple(v) for k, v in self.manifest.feature_shapes.items()}
         return collate_knowledge(records, feature_shapes=shapes, channel_group=self.channel_group, device=device)
-
-
-def collate_knowledge(
-    records: Sequence[dict[str, LevelRecord] | None],
-    *,
-    feature_shapes: dict[str, tuple[int, int]],
-    channel_group: int,
-    device: torch.device | str | None = None,
-) -> TeacherKnowledge:
-    """Per-sample records of one batch (sample i = batch index i) -> TeacherKnowledge.
-
-    Sparse levels become SparseCells (int64 yx, float32 values and score, batch_index concatenated
-    in sample order). Dense levels become float32 [B, C', H, W] with each stored valid region placed
-    top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). A None record or a missing
-    level contributes no cells; a dense level needs a record for every sample.
-    """
-    levels = list(dict.fromkeys([lv for r in records if r for lv in r]))
-    cells: dict[str, SparseCells] = {}
-    dense: dict[str, torch.Tensor] = {}
-    for level in levels:
-        present = [(i, r[level]) for i, r in enumerate(records) if r and level in r]
-        kinds = {rec.is_dense for _, rec in present}
-        if len(kinds) > 1:
-            raise StoreError(f"level {level!r} is dense in some records and sparse in others")
-        if kinds == {True}:
-            if len(present) != len(records):
-                raise StoreError(f"level {level!r} is dense but {len(records) - len(present)} sample(s) lack it")
-            if level not in feature_shapes:
-                raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
-            h, w = feature_shapes[level]
-            c = present[0][1].dense.shape[0]
-            out = torch.zeros((len(records), c, h, w), dtype=torch.float32)
-            for i, rec in present:
-                d = rec.dense
-                if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
-                    raise StoreError(
-                        f"level {level!r}: stored map {tuple(d.shape)} does not fit the batch's "
-                        f"{c} x {h} x {w} feature canvas"
-                    )
-                out[i, :, : d.shape[1], : d.shape[2]] = d.float()
-            dense[level] = out
-            continue
-        counts = [rec.num_cells for _, rec in present]
-        width = present[0][1].values.shape[1] if present else 0
-        with_score = all(rec.score is not None for _, rec in present)
-        cells[level] = SparseCells(
-            batch_index=torch.repeat_interleave(
-                torch.tensor([i for i, _ in present], dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
-            ),
-            yx=torch.cat([rec.yx.long() for _, rec in present]) if present else torch.zeros((0, 2), dtype=torch.int64),
-            values=torch.cat([rec.values.float() for _, rec in present]) if present else torch.zeros((0, width)),
-            score=torch.cat([rec.score.float() for _, rec in present]) if present and with_score else None,
-        )
-    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group)
-    if device is not None:
-        knowledge = _to_device(knowledge, device)
-    return knowledge
-
-
-def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowledge:
-    features = {lv: t.to(device, non_blocking=True) for lv, t in k.features.items()} if k.features else None
-    cells = None
-    if k.cells:
-        cells = {
-            lv: SparseCells(
-                batch_index=c.batch_index.to(device, non_blocking=True),
-                yx=c.yx.to(device, non_blocking=True),
-                values=c.values.to(device, non_blocking=True),
-                score=None if c.score is None else c.score.to(device, non_blocking=True),
-            )
-            for lv, c in k.cells.items()
-        }
-    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
-
-
-def mirror_levels(
-    record: dict[str, LevelRecord], *, image_size: tuple[int, int], strides: dict[str, int]
-) -> dict[str, LevelRecord]:
-    """Approximate the flipped view's record from the unflipped one's: x' = ceil(w / s) - 1 - x for
-    cells, a horizontal flip for dense maps (their stored width is already the valid width) and for
-    a dense level's extras of the map's spatial shape (e.g. GKD importance maps [1, h, w]); other
-    extras (per-channel weights, per-cell arrays) are passed through. Conv features are only roughly
-    flip-equivariant, so this is an approximation of the flipped view's record."""
-    w = int(image_size[1])
-    out: dict[str, LevelRecord] = {}
-    for level, rec in record.items():
-        if rec.is_dense:
-            hw = tuple(rec.dense.shape[-2:])
-            extras = {k: v.flip(-1) if v.dim() == 3 and tuple(v.shape[-2:]) == hw else v for k, v in rec.extras.items()}
-            out[level] = LevelRecord(dense=rec.dense.flip(-1), extras=extras)
-            continue
-        yx = rec.yx.clone() if rec.yx is not None else None
-        if yx is not None:
-            valid_w = -(-w // int(strides[level]))
-            yx[:, 1] = valid_w - 1 - yx[:, 1]
-        out[level] = LevelRecord(yx=yx, values=rec.values, score=rec.score, extras=dict(rec.extras))
-    return out
-
-
-def __getattr__(name: str):
-    # verify_store / store_info / VerifyReport live in detkd.store.verify; imports from here keep working.
-    if name in ("VerifyReport", "verify_store", "store_info"):
-        from detkd.store import verify
-
-        return getattr(verify, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from detkd.data.formats.base import DetectionSource
 from detkd.data.sample import Record
 from detkd.data.views import View, ViewPolicy
-from detkd.errors import ConfigError
 from detkd.models.detector import Detector
 from detkd.store.build import RESIZE_RULE
 from detkd.store.content import check_content
 from detkd.store.format import LevelRecord, StoreError
-from detkd.store.reader import StoreReader, mirror_levels
-from detkd.store.select import SelectionPolicy
+from detkd.store.mirror import mirror_levels
+from detkd.store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -112,31 +111,6 @@ def without_unstored(reader: StoreReader, source: DetectionSource, policy: ViewP
     )
     kept = [r for r in source.records if r.image_id not in unusable]
     return DetectionSource(kept, source.class_names, source.problems), len(unusable)
-
-
-def check_methods(reader: StoreReader, methods: dict) -> None:
-    """Before training: every method must be able to consume this store's policy on the levels it distills."""
-    importance = bool(reader.manifest.preprocessing.get("importance"))
-    check_methods_for_policy(reader.policy, methods, levels=reader.manifest.levels, importance=importance)
-
-
-def check_methods_for_policy(policy: SelectionPolicy, methods: dict, *, levels: list[str], importance: bool) -> None:
-    """Every method can consume knowledge selected by ``policy`` (stored, or selected online)."""
-    for name, method in methods.items():
-        used = [lv for lv in method.levels if lv in levels]
-        sparse = [lv for lv in used if policy.mode_for(lv) != "dense"]
-        if sparse and not method.sparse_ok:
-            raise ConfigError(
-                f"method {name!r} needs whole teacher feature maps but the store keeps sparse cells on levels "
-                f"{sparse} (policy {policy.name!r}, per-level {policy.per_level or {}}); use a position-wise "
-                "method (fitnet, pkd), or build a store with --policy dense, or distill online"
-            )
-        if "importance" in method.needs and not importance:
-            raise ConfigError(
-                f"method {name!r} needs the teacher's gradient-importance maps but the store (policy "
-                f"{policy.name!r}) was built without them; build it with --importance --policy dense "
-                "--channel-group 1, or distill online"
-            )
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkd.distill.base import channel_group_max
 from detkd.errors import ConfigError
+from detkd.knowledge import KnowledgeOffer, channel_group_max
 from detkd.store.codec import VALUE_DTYPES
 from detkd.store.detections import detection_cells, select_from_detections  # noqa: F401  (re-exported)
 from detkd.store.format import LevelRecord, StoreError
@@ -209,6 +209,17 @@ class SelectionPolicy:
 
     def mode_for(self, level: str) -> str:
         return self.per_level.get(level, self.name)
+
+    def offer(self, levels, *, importance: bool, describe: str) -> KnowledgeOffer:
+        """What knowledge selected by this policy can serve (whole maps only where the selector is dense)."""
+        sparse = tuple(lv for lv in levels if self.mode_for(lv) != "dense")
+        per_level = f", per-level {self.per_level}" if self.per_level else ""
+        return KnowledgeOffer(
+            levels=tuple(levels),
+            sparse_levels=sparse,
+            importance=importance,
+            describe=f"{describe} (policy {self.name!r}{per_level})",
+        )
 
     def top_k_for(self, level: str, stride: int, valid_hw: tuple[int, int] | None = None) -> int:
         k = self.top_k.get(level) if isinstance(self.top_k, dict) else self.top_k

@@ -8,7 +8,7 @@ import statistics
 
 from detkd.bench.speed import SpeedScale, format_results, run_speed, write_results
 from detkd.models.builders import DetectorSpec
-from detkd.store.reader import store_info
+from detkd.store.verify import store_info
 
 
 def test_run_speed_reports_every_ratio(tmp_path, caplog, capsys):

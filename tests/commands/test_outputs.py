@@ -14,7 +14,7 @@ import torch
 from detkd.cli import main
 from detkd.config import load_recipe
 from detkd.jsonio import dumps
-from detkd.runner import load_data
+from detkd.runs.setup import load_data
 
 
 def strict_json(text: str):

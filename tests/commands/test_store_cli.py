@@ -56,7 +56,8 @@ def test_build_info_verify_and_a_damaged_record(setup, capsys):
 
 def test_int8_values_shrink_the_store(setup, capsys):
     from detkd.store.format import parse_key
-    from detkd.store.reader import StoreReader, store_info
+    from detkd.store.reader import StoreReader
+    from detkd.store.verify import store_info
 
     root, data = setup
     for name, dtype in (("f16", "float16"), ("i8", "int8")):

@@ -15,7 +15,7 @@ from detkd.config import load_recipe
 from detkd.data.formats.detect import detect_format, list_splits, open_source
 from detkd.data.formats.yolo import read_names
 from detkd.errors import ConfigError, DataError
-from detkd.runner import load_data
+from detkd.runs.setup import load_data
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

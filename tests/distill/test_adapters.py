@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from detkd.distill.adapters import LevelAdapters, build_adapter, graph_zero, teacher_cells, teacher_feature
-from detkd.distill.base import LevelSpec, SparseCells, TeacherKnowledge, gather_cells
+from detkd.distill.base import LevelSpec
+from detkd.knowledge import SparseCells, TeacherKnowledge, gather_cells
 
 
 def _cells(n=2, h=5, w=5, k=6, seed=0):

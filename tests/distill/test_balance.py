@@ -7,8 +7,9 @@ import torch
 
 import detkd.distill  # noqa: F401  (registers every method)
 from detkd.distill.balance import GradientBalance, feature_grad_norm
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.task import build_method
+from detkd.knowledge import TeacherKnowledge
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 STRIDES = (8, 16, 32, 64, 128)

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.defeat import DeFeat, assign_box_levels
 from detkd.distill.masks import box_masks
+from detkd.knowledge import TeacherKnowledge
 
 N = 2
 # Two levels of a 40x40 canvas; images of 40x24 and 40x40 pixels (image 0 padded on the right).

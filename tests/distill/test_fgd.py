@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.fgd import FGD, GcBlock
 from detkd.distill.masks import box_masks
+from detkd.knowledge import TeacherKnowledge
 
 N = 2
 LEVELS = {"p3": LevelSpec(4, 4, 8), "p4": LevelSpec(4, 4, 16)}

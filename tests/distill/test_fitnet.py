@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, SparseCells, TeacherKnowledge, describe_methods
+from detkd.distill.base import METHODS, DistillContext, LevelSpec, describe_methods
 from detkd.distill.fitnet import FitNet
+from detkd.knowledge import SparseCells, TeacherKnowledge
 
 N, H, W = 2, 5, 5
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
-from detkd.distill.gkd import GKD, gaussian_box_mask, importance_maps
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
+from detkd.distill.gkd import GKD, gaussian_box_mask
+from detkd.knowledge import TeacherKnowledge
+from detkd.knowledge.importance import importance_maps
 
 N = 2
 LEVELS = {"p3": LevelSpec(3, 4, 8), "p4": LevelSpec(3, 4, 16)}  # student narrower: a 1x1 align conv
@@ -18,9 +20,9 @@ BOXES = [
 IMAGE_SIZES = [(40, 24), (40, 48)]
 
 
-def _ctx(boxes=BOXES, **extras):
+def _ctx(boxes=BOXES, student_importance=None):
     targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
-    return DistillContext(targets=targets, image_sizes=IMAGE_SIZES, extras=extras)
+    return DistillContext(targets=targets, image_sizes=IMAGE_SIZES, student_importance=student_importance)
 
 
 def _feats(seed, c):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.mgd import MGD, random_cell_mask
+from detkd.knowledge import TeacherKnowledge
 
 N, C, H, W = 2, 2, 4, 5
 

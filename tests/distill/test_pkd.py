@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, SparseCells, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.pkd import PKD
+from detkd.knowledge import SparseCells, TeacherKnowledge
 
 N, H, W = 2, 5, 5
 

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.ssim import SSIMKD, effective_window, ssim_loss, ssim_map
+from detkd.knowledge import TeacherKnowledge
 
 N = 2
 LEVELS = {"p3": LevelSpec(2, 2, 8), "p4": LevelSpec(2, 2, 16)}

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from detkd.distill.base import METHODS, DistillContext, LevelSpec, TeacherKnowledge
+from detkd.distill.base import METHODS, DistillContext, LevelSpec
 from detkd.distill.masks import spatial_attention
 from detkd.distill.structured import NonLocal2d, StructuredKD
+from detkd.knowledge import TeacherKnowledge
 
 N = 2
 LEVELS = {"p3": LevelSpec(3, 4, 8), "p4": LevelSpec(3, 4, 16)}  # student narrower than teacher

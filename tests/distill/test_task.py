@@ -5,11 +5,12 @@ import torch
 
 from detkd.data.loader import Batch
 from detkd.data.views import View
-from detkd.distill.base import DistillMethod, TeacherKnowledge
+from detkd.distill.base import DistillMethod
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.distill.teacher import OnlineTeacher
 from detkd.errors import ConfigError, DetkdError
+from detkd.knowledge import TeacherKnowledge
+from detkd.knowledge.online import OnlineTeacher
 from detkd.models.builders import build_detector
 
 
@@ -201,32 +202,28 @@ def test_auto_weight_balances_gradients_then_freezes_and_resumes(spec_factory):
 
 
 def test_gkd_parity_teacher_builds_its_grad_cam_like_the_released_code(spec_factory):
-    from detkd.distill.gkd import importance_maps
-    from detkd.distill.teacher import teacher_importance
+    from detkd.knowledge.importance import teacher_importance
 
     task = _task(spec_factory, method="gkd", mode="parity")
     assert task.teacher.importance_mode == {"channel_mode": "abs", "activation_mode": "abs"}
     batch = _batch()
     got = task.teacher.knowledge(batch, task.needs).importance
-    want, _ = teacher_importance(
+    want = teacher_importance(
         task.teacher.detector,
         batch.images,
         batch.image_sizes,
         batch.targets,
-        importance_maps=importance_maps,
         channel_mode="abs",
         activation_mode="abs",
-    )
-    signed, _ = teacher_importance(
-        task.teacher.detector, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps
-    )
+    ).spatial
+    signed = teacher_importance(task.teacher.detector, batch.images, batch.image_sizes, batch.targets).spatial
     for lvl in got:
         torch.testing.assert_close(got[lvl], want[lvl])
     assert any(not torch.allclose(got[lvl], signed[lvl]) for lvl in got)
 
 
 def test_pseudo_targets_keep_the_top_k_above_the_threshold():
-    from detkd.distill.teacher import pseudo_targets
+    from detkd.knowledge.importance import pseudo_targets
 
     det = {
         "boxes": torch.arange(20, dtype=torch.float32).reshape(5, 4),
@@ -243,7 +240,7 @@ def test_pseudo_targets_keep_the_top_k_above_the_threshold():
 
 
 def test_gkd_grad_cam_from_teacher_predictions(spec_factory, monkeypatch):
-    from detkd.distill import teacher as teacher_mod
+    from detkd.knowledge import online as teacher_mod
 
     task = _task(spec_factory, method="gkd", cam_targets="predictions", cam_topk=3, cam_score=0.0)
     assert task.teacher.importance_mode["targets"] == "predictions"

@@ -19,7 +19,7 @@ from PIL import Image
 from detkd.cli import main
 from detkd.config import load_recipe
 from detkd.data.formats.detect import open_source
-from detkd.runner import load_data
+from detkd.runs.setup import load_data
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import torch
 
 from detkd.cli import main
 from detkd.config import load_recipe
-from detkd.distill.run import check_teacher
 from detkd.engine.run_log import read_metrics
 from detkd.engine.teacher_ap import WEAK_TEACHER_AP, warn_if_weak_teacher
 from detkd.engine.trainer import Trainer
 from detkd.models.builders import DetectorSpec, build_detector
-from detkd.runner import load_data
+from detkd.runs.distill import check_teacher
+from detkd.runs.setup import load_data
 
 
 @pytest.fixture(scope="module")

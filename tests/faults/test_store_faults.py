@@ -364,7 +364,7 @@ def test_a_weak_teacher_is_recorded_and_flagged_at_build_and_at_run(world, tmp_p
     assert rc == 0 and "AP (x100) 0.1 (WEAK TEACHER" in text
     caplog.clear()
     from detkd.config import load_recipe
-    from detkd.distill.run import distill
+    from detkd.runs import distill
 
     recipe = json.loads((root / "recipe.yaml").read_text())
     recipe["train"]["out"] = str(tmp_path / "run")

@@ -13,14 +13,15 @@ import torch
 
 from detkd.data.loader import Collate, ViewedDataset
 from detkd.data.views import View, ViewPolicy
-from detkd.distill.teacher import StoredTeacher
 from detkd.models.builders import build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import FixedView, build_store
 from detkd.store.format import StoreError
-from detkd.store.reader import StoreReader, verify_store
+from detkd.store.reader import StoreReader
 from detkd.store.replay import providers
 from detkd.store.select import SelectionPolicy, detection_cells
+from detkd.store.teacher import StoredTeacher
+from detkd.store.verify import verify_store
 from detkd.store.writer import merge_shards
 
 POLICY = ViewPolicy(sizes=(64,), flip_prob=0.5)
@@ -248,23 +249,20 @@ def test_mirror_flips_stores_unflipped_views_and_mirrors_them(tmp_path, tiny_sou
 
 
 def test_importance_store_holds_the_teachers_gkd_maps(tmp_path, tiny_source, teacher_ckpt):
-    from detkd.distill.gkd import importance_maps
-    from detkd.distill.teacher import teacher_importance
+    from detkd.knowledge.importance import teacher_importance
 
     ckpt, teacher = teacher_ckpt
     policy = SelectionPolicy(name="dense", channel_group=1)
     build(tmp_path, tiny_source, ckpt, "s", batch_size=1, policy=policy, with_importance=True)
     reader = StoreReader(tmp_path / "s")
     batch = replay(tiny_source, 2, View(64, flip=True))
-    maps, channel = teacher_importance(
-        teacher, batch.images, batch.image_sizes, batch.targets, importance_maps=importance_maps
-    )
+    maps = teacher_importance(teacher, batch.images, batch.image_sizes, batch.targets)
     record = reader.read(tiny_source.records[2].image_id, View(64, flip=True))
     for lv, rec in record.items():
         h, w = rec.dense.shape[-2:]
         assert rec.extras["gi"].dtype == torch.float16 and rec.extras["gc"].dtype == torch.float32
-        torch.testing.assert_close(rec.extras["gi"].float(), maps[lv][0, :, :h, :w], rtol=0, atol=1e-3)
-        torch.testing.assert_close(rec.extras["gc"], channel[lv][0], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(rec.extras["gi"].float(), maps.spatial[lv][0, :, :h, :w], rtol=0, atol=1e-3)
+        torch.testing.assert_close(rec.extras["gc"], maps.channel[lv][0], rtol=1e-4, atol=1e-12)
     batch = dataclasses.replace(batch, knowledge=[record])
     knowledge = StoredTeacher(reader).knowledge(batch, frozenset({"features", "importance"}))
     assert knowledge.importance["p3"].shape == (1, 1, 8, 8) and knowledge.channel_importance["p3"].shape == (1, 16)
@@ -291,7 +289,7 @@ def test_build_refuses_bad_settings(tmp_path, tiny_source, teacher_ckpt, spec_fa
 
 @pytest.mark.parametrize("value_dtype", ["float16", "int8", "int4"])
 def test_selecting_teacher_serves_what_the_store_serves(tmp_path, tiny_source, teacher_ckpt, value_dtype):
-    from detkd.distill.teacher import SelectingTeacher
+    from detkd.store.teacher import SelectingTeacher
 
     ckpt, teacher = teacher_ckpt
     policy = SelectionPolicy(top_k=5, channel_group=2, per_level={"p6": "dense"}, value_dtype=value_dtype)

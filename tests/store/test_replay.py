@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from detkd.data.views import View, ViewPolicy
+from detkd.distill.capabilities import check_servable
 from detkd.distill.task import build_method, common_levels
-from detkd.distill.teacher import StoredTeacher
 from detkd.errors import ConfigError
 from detkd.models.builders import build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
 from detkd.store.format import StoreError
 from detkd.store.reader import StoreReader
-from detkd.store.replay import check_methods, check_store_for_run
+from detkd.store.replay import check_store_for_run
 from detkd.store.select import SelectionPolicy
+from detkd.store.teacher import StoredTeacher
 
 POLICY = ViewPolicy(sizes=(64,), flip_prob=0.5)
 
@@ -68,22 +69,22 @@ def test_methods_that_cannot_consume_the_policy_are_refused(tmp_path, tiny_sourc
             name: build_method(name, levels={k: v for k, v in levels.items() if only is None or k in only}, args={})
         }
 
-    check_methods(sparse, method("fitnet"))
+    check_servable(method("fitnet"), sparse.offer())
     with pytest.raises(ConfigError, match=r"method 'ssim' needs whole teacher feature maps .* \['p3', 'p4', 'p5'\]"):
-        check_methods(sparse, method("ssim"))
-    check_methods(sparse, method("ssim", only=("p6", "p7")))  # the dense levels of a per-level mix are fine
+        check_servable(method("ssim"), sparse.offer())
+    check_servable(method("ssim", only=("p6", "p7")), sparse.offer())  # the dense levels of a per-level mix are fine
     dense = build(tmp_path, tiny_source, "dense", SelectionPolicy(name="dense", channel_group=1))
-    check_methods(dense, method("ssim"))
+    check_servable(method("ssim"), dense.offer())
     with pytest.raises(ConfigError, match="method 'gkd' needs the teacher's gradient-importance maps"):
-        check_methods(dense, method("gkd"))
+        check_servable(method("gkd"), dense.offer())
 
 
 def test_stored_distillation_runs_with_the_teacher_checkpoint_deleted(tmp_path):
     from detkd.config import load_recipe
     from detkd.data.formats.detect import open_source
     from detkd.data.synthetic import generate_synthetic
-    from detkd.distill.run import distill
     from detkd.models.builders import DetectorSpec
+    from detkd.runs import distill
 
     data = generate_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64, seed=0)
     source = open_source(data, format="coco", split="train")
@@ -124,8 +125,8 @@ def test_stored_distillation_runs_with_the_teacher_checkpoint_deleted(tmp_path):
 def test_online_selection_runs_the_stored_loss_on_a_live_teacher(tmp_path):
     from detkd.config import load_recipe
     from detkd.data.synthetic import generate_synthetic
-    from detkd.distill.run import distill
     from detkd.models.builders import DetectorSpec
+    from detkd.runs import distill
 
     data = generate_synthetic(tmp_path / "data", num_train=8, num_val=4, image_size=64, seed=0)
     torch.manual_seed(0)

@@ -13,11 +13,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from detkd.data.views import View
+from detkd.store.collate import collate_knowledge
 from detkd.store.format import LevelRecord, StoreError, flatten_record, parse_key
 from detkd.store.lmdb_env import release
 from detkd.store.manifest import Manifest
-from detkd.store.reader import StoreReader, collate_knowledge, mirror_levels, store_info, verify_store
+from detkd.store.mirror import mirror_levels
+from detkd.store.reader import StoreReader
 from detkd.store.select import SelectionPolicy
+from detkd.store.verify import store_info, verify_store
 from detkd.store.writer import StoreWriter, merge_shards, shard_indices
 
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}

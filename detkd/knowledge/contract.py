@@ -1,0 +1,93 @@
+"""What a teacher hands to distillation methods for one batch, and what a source can offer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from detkd.data.loader import Batch
+
+# What a method may declare in ``needs`` (checked when it is registered):
+#   features: the teacher's dense maps (or sparse cells, for methods with ``sparse_ok``)
+#   importance: the teacher's Grad-CAM maps (GKD), spatial [B, 1, H, W] and channel [B, C]
+#   boxes: the ground truth (``DistillContext.targets``)
+#   student_importance: the student's own Grad-CAM maps (GKD's parity mode)
+KNOWLEDGE_KINDS = frozenset({"features", "importance", "boxes", "student_importance"})
+
+
+@dataclass
+class SparseCells:
+    """Teacher feature vectors at selected cells of one level, for a whole batch."""
+
+    batch_index: Tensor  # int64 [K]
+    yx: Tensor  # int64 [K, 2], cell coordinates on the level's feature map
+    values: Tensor  # float32 [K, C'], C' = teacher_channels // channel_group
+    score: Tensor | None = None  # float32 [K], optional per-cell weight (e.g. saliency)
+
+
+@dataclass
+class TeacherKnowledge:
+    """What a teacher source hands to methods for one batch. Absent parts are None.
+
+    ``channel_group`` > 1 means stored features were compressed by grouped channel max
+    pooling (C -> C/r); methods apply the same pooling to the adapted student features.
+    """
+
+    features: dict[str, Tensor] | None = None  # dense [B, C', H, W] per level
+    cells: dict[str, SparseCells] | None = None
+    importance: dict[str, Tensor] | None = None  # GKD spatial importance [B, 1, H, W] in [0, 1]
+    channel_importance: dict[str, Tensor] | None = None  # GKD channel weights w_k [B, C]
+    channel_group: int = 1
+
+
+@dataclass(frozen=True)
+class KnowledgeOffer:
+    """What a source can serve, for the capability check made before training starts.
+
+    ``sparse_levels``: levels served as SparseCells only (no whole maps); ``importance``:
+    Grad-CAM maps available; ``describe``: how an error message names the source.
+    """
+
+    levels: tuple[str, ...]
+    sparse_levels: tuple[str, ...] = ()
+    importance: bool = True
+    describe: str = "the teacher"
+
+
+class TeacherSource(Protocol):
+    """A live teacher or a store: ``knowledge(batch, needs)`` for each training batch."""
+
+    levels: list[str]
+    strides: dict[str, int]
+    channels: dict[str, int]
+
+    def knowledge(self, batch: Batch, needs: frozenset[str]) -> TeacherKnowledge: ...
+
+    def to(self, device: torch.device | str) -> TeacherSource: ...
+
+
+def level_sizes(canvas, strides: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Feature map size of each level on a canvas: strided convs round up, ceil(canvas / stride)."""
+    return {lvl: (-(-canvas[0] // s), -(-canvas[1] // s)) for lvl, s in strides.items()}
+
+
+def channel_group_max(x: Tensor, group: int, dim: int = 1) -> Tensor:
+    """Grouped channel max pooling: C -> C/group by the max of each contiguous group."""
+    if group == 1:
+        return x
+    c = x.shape[dim]
+    if c % group:
+        raise ValueError(f"{c} channels cannot be split into groups of {group}")
+    shape = list(x.shape)
+    shape[dim : dim + 1] = [c // group, group]
+    return x.reshape(shape).amax(dim=dim + 1)
+
+
+def gather_cells(feature: Tensor, cells: SparseCells) -> Tensor:
+    """Student (or dense teacher) vectors [K, C] at the cells' positions of an NCHW map."""
+    return feature[cells.batch_index, :, cells.yx[:, 0], cells.yx[:, 1]]

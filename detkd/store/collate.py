@@ -1,0 +1,121 @@
+"""One batch's stored records -> TeacherKnowledge, the form every method reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from detkd.knowledge import SparseCells, TeacherKnowledge
+from detkd.store.format import LevelRecord, StoreError
+
+# Keys of a dense level record's extra arrays written by ``store build --importance`` (on-disk names).
+IMPORTANCE_SPATIAL = "gi"  # GKD spatial importance [1, h, w], float16
+IMPORTANCE_CHANNEL = "gc"  # GKD channel weights [C], float32
+
+
+def collate_knowledge(
+    records: Sequence[dict[str, LevelRecord] | None],
+    *,
+    feature_shapes: dict[str, tuple[int, int]],
+    channel_group: int,
+    device: torch.device | str | None = None,
+) -> TeacherKnowledge:
+    """Per-sample records of one batch (sample i = batch index i) -> TeacherKnowledge.
+
+    Sparse levels become SparseCells (int64 yx, float32 values and score, batch_index concatenated
+    in sample order). Dense levels become float32 [B, C', H, W] with each stored valid region placed
+    top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). A None record or a missing
+    level contributes no cells; a dense level needs a record for every sample.
+    """
+    levels = list(dict.fromkeys([lv for r in records if r for lv in r]))
+    cells: dict[str, SparseCells] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for level in levels:
+        present = [(i, r[level]) for i, r in enumerate(records) if r and level in r]
+        kinds = {rec.is_dense for _, rec in present}
+        if len(kinds) > 1:
+            raise StoreError(f"level {level!r} is dense in some records and sparse in others")
+        if kinds == {True}:
+            if len(present) != len(records):
+                raise StoreError(f"level {level!r} is dense but {len(records) - len(present)} sample(s) lack it")
+            if level not in feature_shapes:
+                raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
+            h, w = feature_shapes[level]
+            c = present[0][1].dense.shape[0]
+            out = torch.zeros((len(records), c, h, w), dtype=torch.float32)
+            for i, rec in present:
+                d = rec.dense
+                if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
+                    raise StoreError(
+                        f"level {level!r}: stored map {tuple(d.shape)} does not fit the batch's "
+                        f"{c} x {h} x {w} feature canvas"
+                    )
+                out[i, :, : d.shape[1], : d.shape[2]] = d.float()
+            dense[level] = out
+            continue
+        counts = [rec.num_cells for _, rec in present]
+        width = present[0][1].values.shape[1] if present else 0
+        with_score = all(rec.score is not None for _, rec in present)
+        cells[level] = SparseCells(
+            batch_index=torch.repeat_interleave(
+                torch.tensor([i for i, _ in present], dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
+            ),
+            yx=torch.cat([rec.yx.long() for _, rec in present]) if present else torch.zeros((0, 2), dtype=torch.int64),
+            values=torch.cat([rec.values.float() for _, rec in present]) if present else torch.zeros((0, width)),
+            score=torch.cat([rec.score.float() for _, rec in present]) if present and with_score else None,
+        )
+    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group)
+    if device is not None:
+        knowledge = _to_device(knowledge, device)
+    return knowledge
+
+
+def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowledge:
+    features = {lv: t.to(device, non_blocking=True) for lv, t in k.features.items()} if k.features else None
+    cells = None
+    if k.cells:
+        cells = {
+            lv: SparseCells(
+                batch_index=c.batch_index.to(device, non_blocking=True),
+                yx=c.yx.to(device, non_blocking=True),
+                values=c.values.to(device, non_blocking=True),
+                score=None if c.score is None else c.score.to(device, non_blocking=True),
+            )
+            for lv, c in k.cells.items()
+        }
+    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
+
+
+def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowledge:
+    features = {lv: t.to(device, non_blocking=True) for lv, t in k.features.items()} if k.features else None
+    cells = None
+    if k.cells:
+        cells = {
+            lv: SparseCells(
+                batch_index=c.batch_index.to(device, non_blocking=True),
+                yx=c.yx.to(device, non_blocking=True),
+                values=c.values.to(device, non_blocking=True),
+                score=None if c.score is None else c.score.to(device, non_blocking=True),
+            )
+            for lv, c in k.cells.items()
+        }
+    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
+
+
+def collate_importance(
+    records: Sequence[dict[str, LevelRecord]], sizes: dict[str, tuple[int, int]], device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """GKD maps kept by a store built with --importance: (spatial {level: [B, 1, H, W]}, channel {level: [B, C]})."""
+    spatial, channel = {}, {}
+    for lvl, (h, w) in sizes.items():
+        recs = [r[lvl] for r in records]
+        if any(IMPORTANCE_SPATIAL not in r.extras for r in recs):
+            raise StoreError(f"store records lack importance maps for level {lvl}: build with --importance")
+        out = torch.zeros(len(recs), 1, h, w, device=device)
+        for i, r in enumerate(recs):
+            gi = r.extras[IMPORTANCE_SPATIAL].float()
+            out[i, :, : gi.shape[-2], : gi.shape[-1]] = gi.to(device)
+        spatial[lvl] = out
+        channel[lvl] = torch.stack([r.extras[IMPORTANCE_CHANNEL].float() for r in recs]).to(device)
+    return spatial, channel
