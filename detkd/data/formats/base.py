@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -132,46 +133,78 @@ def checked_size(
     return real
 
 
-def make_record(
-    *,
-    image_id: int,
-    file: Path,
-    height: int,
-    width: int,
-    boxes: list[list[float]],
-    labels: list[int],
-    problems: ProblemLog,
-    ignore: Sequence[Sequence[float]] = (),
-    ignore_labels: Sequence[int] = (),
-    report_file: str | Path | None = None,
-) -> Record:
-    """A Record from plain lists: training boxes validated by ``clean_boxes`` (problems reported
-    against ``report_file``, the annotation file, or the image); ignore regions are clipped to the
-    image and dropped when empty, silently (they only excuse detections, nothing trains on them)."""
-    b, lab = clean_boxes(
-        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        torch.tensor(labels, dtype=torch.int64),
-        width,
-        height,
-        report_file or file,
-        problems,
-    )
-    ign = torch.tensor([list(r) for r in ignore], dtype=torch.float32).reshape(-1, 4)
-    ign_labels = torch.tensor(list(ignore_labels), dtype=torch.int64)
-    if len(ign_labels) != len(ign):
-        raise ValueError(f"{len(ign)} ignore regions but {len(ign_labels)} ignore labels")
-    ign = _clip(ign, width, height)
-    keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
-    return Record(
-        image_id=image_id,
-        file=file,
-        height=height,
-        width=width,
-        boxes=b,
-        labels=lab,
-        ignore=ign[keep],
-        ignore_labels=ign_labels[keep],
-    )
+class ClassLabels:
+    """A data set's class keys (names, or COCO category ids) -> contiguous labels 1..K, in the given
+    order; the one check that an annotation's class is one of the data set's."""
+
+    def __init__(self, keys: Sequence[Hashable], *, problems: ProblemLog, unknown: Callable[[Hashable], str]) -> None:
+        self.label_of: dict[Hashable, int] = {k: i + 1 for i, k in enumerate(keys)}
+        self.problems = problems
+        self.unknown = unknown  # the reader's wording of an unknown key, e.g. "category 99, skipped"
+
+    def get(self, key: Hashable, *, where: str, file: str | Path) -> int | None:
+        """The label of ``key``; None, counted as "unknown category" (``{where}: {unknown(key)}``), when
+        the key is not one of the data set's classes."""
+        label = self.label_of.get(key)
+        if label is None:
+            self.problems.add("unknown category", file, f"{where}: {self.unknown(key)}")
+        return label
+
+
+@dataclass
+class ImageObjects:
+    """One image's annotated objects as a reader collects them: boxes to train on, and ignore regions
+    (COCO crowd, VOC difficult, Cityscapes groups, KITTI DontCare), which are neither trained on nor
+    counted as misses in evaluation."""
+
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    ignore: list[list[float]] = field(default_factory=list)
+    ignore_labels: list[int] = field(default_factory=list)
+
+    def add(self, box: Sequence[float], label: int, *, ignore: bool = False) -> None:
+        if ignore:
+            self.ignore.append(list(box))
+            self.ignore_labels.append(label)
+        else:
+            self.boxes.append(list(box))
+            self.labels.append(label)
+
+    def record(
+        self,
+        *,
+        image_id: int,
+        file: Path,
+        size: tuple[int, int],
+        problems: ProblemLog,
+        report_file: str | Path | None = None,
+    ) -> Record:
+        """The Record of an image of ``size`` (height, width): training boxes validated by ``clean_boxes``
+        (problems reported against ``report_file``, the annotation file, or the image); ignore regions
+        clipped to the image and dropped when empty, silently (they only excuse detections)."""
+        height, width = size
+        b, lab = clean_boxes(
+            torch.tensor(self.boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(self.labels, dtype=torch.int64),
+            width,
+            height,
+            report_file or file,
+            problems,
+        )
+        ign = torch.tensor(self.ignore, dtype=torch.float32).reshape(-1, 4)
+        ign_labels = torch.tensor(self.ignore_labels, dtype=torch.int64)
+        ign = _clip(ign, width, height)
+        keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
+        return Record(
+            image_id=image_id,
+            file=file,
+            height=height,
+            width=width,
+            boxes=b,
+            labels=lab,
+            ignore=ign[keep],
+            ignore_labels=ign_labels[keep],
+        )
 
 
 def _clip(boxes: Tensor, width: int, height: int) -> Tensor:

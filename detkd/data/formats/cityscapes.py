@@ -8,8 +8,8 @@ from pathlib import Path
 from detkd.data.formats.base import (
     FORMATS,
     DetectionSource,
+    ImageObjects,
     checked_size,
-    make_record,
     read_annotation_text,
     stable_image_id,
 )
@@ -35,18 +35,19 @@ class CityscapesSource(DetectionSource):
         gt_dir = root / "gtFine" / split
         if not gt_dir.is_dir():
             raise DataError(f"{gt_dir}: split folder not found")
+        # Not ClassLabels: stuff labels (road, sky, ...) are passed over, not counted as unknown.
         label_of = {n: i + 1 for i, n in enumerate(CITYSCAPES_CLASSES)}
         records = []
         for ann in sorted(gt_dir.glob("*/*_gtFine_polygons.json")):
             stem = ann.name.removesuffix("_gtFine_polygons.json")
             city = ann.parent.name
-            height, width, objects = _load_polygons(ann)
+            height, width, polygons = _load_polygons(ann)
             file = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
             size = checked_size(file, height=height, width=width, problems=problems, report_file=ann)
             if size is None:
                 continue
-            boxes, labels, ignore, ignore_labels = [], [], [], []
-            for i, obj in enumerate(objects):
+            objects = ImageObjects()
+            for i, obj in enumerate(polygons):
                 label = str(obj.get("label", "")) if isinstance(obj, dict) else ""
                 base = label.removesuffix("group")
                 if base not in label_of or obj.get("deleted"):
@@ -55,26 +56,10 @@ class CityscapesSource(DetectionSource):
                 if box is None:
                     problems.add("malformed polygon", ann, f"object {i} ({label}): polygon {obj.get('polygon')!r:.60}")
                     continue
-                if label.endswith("group"):  # a crowd of instances not outlined one by one
-                    ignore.append(box)
-                    ignore_labels.append(label_of[base])
-                else:
-                    boxes.append(box)
-                    labels.append(label_of[base])
-            records.append(
-                make_record(
-                    image_id=stable_image_id(f"{city}/{stem}"),
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=ignore_labels,
-                    problems=problems,
-                    report_file=ann,
-                )
-            )
+                # A *group is a crowd of instances not outlined one by one.
+                objects.add(box, label_of[base], ignore=label.endswith("group"))
+            image_id = stable_image_id(f"{city}/{stem}")
+            records.append(objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=ann))
         super().__init__(records, list(CITYSCAPES_CLASSES), problems)
 
 

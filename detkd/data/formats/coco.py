@@ -6,7 +6,14 @@ import json
 import math
 from pathlib import Path
 
-from detkd.data.formats.base import FORMATS, DetectionSource, checked_size, make_record, read_annotation_text
+from detkd.data.formats.base import (
+    FORMATS,
+    ClassLabels,
+    DetectionSource,
+    ImageObjects,
+    checked_size,
+    read_annotation_text,
+)
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
@@ -30,7 +37,9 @@ class CocoSource(DetectionSource):
         image_dir = Path(image_dir) if image_dir is not None else default_image_dir(path, images)
         cats = _categories(path, data)
         self.category_ids: dict[int, int] = {i + 1: cid for i, (cid, _) in enumerate(cats)}
-        label_of = {cid: lab for lab, cid in self.category_ids.items()}
+        classes = ClassLabels(
+            [cid for cid, _ in cats], problems=problems, unknown=lambda cid: f"category {cid!r}, skipped"
+        )
 
         per_image: dict[object, list[dict]] = {}
         for ann in data.get("annotations") or []:
@@ -54,11 +63,10 @@ class CocoSource(DetectionSource):
             size = checked_size(file, height=height, width=width, problems=problems, report_file=path)
             if size is None:
                 continue
-            boxes, labels, ignore, ignore_labels = [], [], [], []
+            objects = ImageObjects()
             for ann in per_image.get(image_id, []):
-                cid = ann.get("category_id")
-                if cid not in label_of:
-                    problems.add("unknown category", path, f"annotation {ann.get('id')}: category {cid!r}, skipped")
+                label = classes.get(ann.get("category_id"), where=f"annotation {ann.get('id')}", file=path)
+                if label is None:
                     continue
                 box = _xyxy(ann.get("bbox"))
                 if box is None:
@@ -66,26 +74,8 @@ class CocoSource(DetectionSource):
                     problems.add("malformed box", path, f"annotation {ann.get('id')}: bbox {bbox!r}, skipped")
                     continue
                 # Crowd regions are neither trained on nor counted as misses (COCO evaluation rule).
-                if ann.get("iscrowd", 0):
-                    ignore.append(box)
-                    ignore_labels.append(label_of[cid])
-                else:
-                    boxes.append(box)
-                    labels.append(label_of[cid])
-            records.append(
-                make_record(
-                    image_id=image_id,
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=ignore_labels,
-                    problems=problems,
-                    report_file=path,
-                )
-            )
+                objects.add(box, label, ignore=bool(ann.get("iscrowd", 0)))
+            records.append(objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=path))
         for image_id in (k for k in per_image if k not in seen):
             problems.add("annotation without image", path, f"annotations for unknown image id {image_id!r}, skipped")
         super().__init__(records, [name for _, name in cats], problems)

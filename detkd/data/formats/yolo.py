@@ -15,8 +15,8 @@ from detkd.data.formats.base import (
     FORMATS,
     IMAGE_SUFFIXES,
     DetectionSource,
+    ImageObjects,
     checked_size,
-    make_record,
     read_annotation_text,
     stable_image_id,
 )
@@ -95,7 +95,7 @@ class YoloSource(DetectionSource):
             if size is None:
                 continue
             height, width = size
-            boxes, labels = [], []
+            objects = ImageObjects()
             text = read_annotation_text(label_file, allow_empty=True) if label_file.is_file() else ""
             for n, line in enumerate(text.splitlines(), 1):
                 parsed = _parse_line(line, len(names))
@@ -105,19 +105,11 @@ class YoloSource(DetectionSource):
                 if parsed is None:
                     continue
                 cls, cx, cy, w, h = parsed
-                boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-                labels.append(cls + 1)
+                box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+                objects.add(box, cls + 1)
+            image_id = stable_image_id(rel.as_posix())
             records.append(
-                make_record(
-                    image_id=stable_image_id(rel.as_posix()),
-                    file=file,
-                    height=height,
-                    width=width,
-                    boxes=boxes,
-                    labels=labels,
-                    problems=problems,
-                    report_file=label_file,
-                )
+                objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=label_file)
             )
         if label_dir.is_dir():
             for orphan in sorted(set(label_dir.rglob("*.txt")) - labelled):
