@@ -1,4 +1,5 @@
-"""What every format reader shares: records, class names, problem log, validated loading."""
+"""What every format reader shares: records, class names, problem log, validated loading, and the
+format registry (``register_format``) that detection and ``open_source`` read."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,6 +26,21 @@ EDGE_TOLERANCE = 2.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk layout that identifies a format.
+
+    ``detect_format`` tries the layouts of every registered format in (priority, format name) order,
+    lowest first, and the first that ``matches`` names the format: a new format cannot change how an
+    existing layout is read unless it claims a lower priority. The built-in formats use 10 to 90.
+    """
+
+    description: str  # what the "cannot tell the data format" error lists as looked for
+    matches: Callable[[Path], bool]  # called with a directory (or, when ``file``, an annotation file)
+    priority: int
+    file: bool = False  # matched against an annotation file passed directly, not a data set directory
+
+
 class DetectionSource:
     """A parsed data set split: ``records[i]`` annotations, images decoded on demand.
 
@@ -31,7 +48,21 @@ class DetectionSource:
     fatal ones (unreadable annotation file) raise DataError naming the file.
     """
 
-    format_name = "base"
+    # Set by register_format; "base" for a plain container of records.
+    format_name: ClassVar[str] = "base"
+    title: ClassVar[str] = "base"  # the name in messages ("a COCO annotation file"); defaults to format_name
+    layouts: ClassVar[tuple[Layout, ...]] = ()  # how detect_format recognises the format; none: by name only
+    names_keyword: ClassVar[str | None] = None  # the reader keyword recipe ``data.names`` goes to; None: refused
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        """Split names present at ``path`` (sorted), as ``open_split(split=...)`` takes them."""
+        return []
+
+    @classmethod
+    def open_split(cls, path: Path, *, split: str, **kwargs: Any) -> DetectionSource:
+        """One split of the data set at ``path``; ``kwargs`` are reader keywords (e.g. ``image_dir=``)."""
+        return cls(path, split=split, **kwargs)
 
     def __init__(self, records: list[Record], class_names: list[str], problems: ProblemLog | None = None):
         check_unique_ids(records)
@@ -66,6 +97,24 @@ class DetectionSource:
                 f"says {record.width}x{record.height}"
             )
         return Sample(image=image, record=record)
+
+
+Source = TypeVar("Source", bound=type[DetectionSource])
+
+
+def register_format(name: str) -> Callable[[Source], Source]:
+    """Class decorator: ``@register_format("coco")`` adds a reader to FORMATS and sets its ``format_name``
+    (and ``title``, unless the class sets one). Its ``layouts``, ``list_splits`` and ``open_split`` are
+    all that detection, ``open_source`` and ``data inspect`` need to know of it."""
+
+    def decorator(cls: Source) -> Source:
+        FORMATS.register(name)(cls)  # first: a duplicate name must leave the class untouched
+        cls.format_name = name
+        if "title" not in vars(cls):
+            cls.title = name
+        return cls
+
+    return decorator
 
 
 def stable_image_id(key: str) -> int:

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
     DetectionSource,
     ImageObjects,
+    Layout,
     checked_size,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.sample import ProblemLog
@@ -19,7 +20,11 @@ from detkd.errors import DataError
 CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 
 
-@FORMATS.register("cityscapes")
+def _has_images_and_gt(root: Path) -> bool:
+    return (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()
+
+
+@register_format("cityscapes")
 class CityscapesSource(DetectionSource):
     """``root/gtFine/{split}/{city}/*_gtFine_polygons.json`` + ``root/leftImg8bit/{split}/{city}/*_leftImg8bit.png``.
 
@@ -27,7 +32,13 @@ class CityscapesSource(DetectionSource):
     passed over silently. Image ids hash ``city/stem``.
     """
 
-    format_name = "cityscapes"
+    title = "Cityscapes"
+    layouts = (Layout(description="leftImg8bit/ + gtFine/ (Cityscapes)", matches=_has_images_and_gt, priority=40),)
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        gt = path / "gtFine"
+        return sorted(d.name for d in gt.iterdir() if d.is_dir()) if gt.is_dir() else []
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
         root = Path(root)

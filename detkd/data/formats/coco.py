@@ -5,20 +5,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from detkd.data.formats.base import (
-    FORMATS,
     ClassLabels,
     DetectionSource,
     ImageObjects,
+    Layout,
     checked_size,
     read_annotation_text,
+    register_format,
 )
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 
-@FORMATS.register("coco")
+def _is_json(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def _has_annotation_jsons(root: Path) -> bool:
+    return (root / "annotations").is_dir() and any((root / "annotations").glob("*.json"))
+
+
+@register_format("coco")
 class CocoSource(DetectionSource):
     """One COCO instances json.
 
@@ -27,7 +37,27 @@ class CocoSource(DetectionSource):
     are kept as negatives.
     """
 
-    format_name = "coco"
+    title = "COCO"
+    layouts = (
+        Layout(description="a COCO .json", matches=_is_json, priority=10, file=True),
+        Layout(
+            description="a COCO .json file or annotations/*.json (COCO)", matches=_has_annotation_jsons, priority=10
+        ),
+    )
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        """A json file is its own split; in a directory, ``instances_X.json`` names split X, else each json does."""
+        if path.is_file():
+            return [path.stem]
+        files = sorted((path / "annotations").glob("*.json"))
+        instances = [f.stem.removeprefix("instances_") for f in files if f.stem.startswith("instances_")]
+        return instances or [f.stem for f in files]
+
+    @classmethod
+    def open_split(cls, path: Path, *, split: str, **kwargs: Any) -> CocoSource:
+        """``split`` is ignored for a json file; for a directory it picks the annotation file."""
+        return cls(path if path.is_file() else coco_annotation_file(path, split), **kwargs)
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path | None = None) -> None:
         path = Path(annotation_file)
@@ -79,6 +109,15 @@ class CocoSource(DetectionSource):
         for image_id in (k for k in per_image if k not in seen):
             problems.add("annotation without image", path, f"annotations for unknown image id {image_id!r}, skipped")
         super().__init__(records, [name for _, name in cats], problems)
+
+
+def coco_annotation_file(root: Path, split: str) -> Path:
+    """``annotations/{split}.json``, else ``annotations/instances_{split}*.json`` (e.g. train -> train2017)."""
+    ann = root / "annotations"
+    for cand in (ann / f"{split}.json", *sorted(ann.glob(f"instances_{split}*.json"))):
+        if cand.is_file():
+            return cand
+    raise DataError(f"{ann}: no annotation file for split {split!r} ({split}.json or instances_{split}*.json)")
 
 
 def load_coco_json(path: Path) -> dict:

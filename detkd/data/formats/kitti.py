@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
     ClassLabels,
     DetectionSource,
     ImageObjects,
+    Layout,
     checked_size,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.formats.voc import read_split_file
@@ -22,7 +23,7 @@ KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist
 ANY_CLASS = 0
 
 
-@FORMATS.register("kitti")
+@register_format("kitti")
 class KittiSource(DetectionSource):
     """``root/training/image_2/*.png`` + ``root/training/label_2/*.txt``.
 
@@ -31,7 +32,18 @@ class KittiSource(DetectionSource):
     Line fields: type truncated occluded alpha x1 y1 x2 y2 h w l x y z ry [score].
     """
 
-    format_name = "kitti"
+    title = "KITTI"
+    layouts = (
+        Layout(
+            description="training/label_2/ (KITTI)",
+            matches=lambda root: (root / "training" / "label_2").is_dir(),
+            priority=50,
+        ),
+    )
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        return sorted(f.stem for f in (path / "ImageSets").glob("*.txt")) or ["all"]
 
     def __init__(self, root: str | Path, split: str | None = None) -> None:
         root = Path(root)

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
     IMAGE_SUFFIXES,
     ClassLabels,
     DetectionSource,
     ImageObjects,
+    Layout,
     checked_size,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.sample import ProblemLog
@@ -61,7 +62,7 @@ class _Annotation:
     objects: list[_Object]
 
 
-@FORMATS.register("voc")
+@register_format("voc")
 class VocSource(DetectionSource):
     """``root/Annotations/*.xml``, ``root/JPEGImages/*``, ``root/ImageSets/Main/{split}.txt``, or the
     flat layout with a generated split (see the module docstring).
@@ -70,7 +71,24 @@ class VocSource(DetectionSource):
     (all of them, not this split's only, so every split gets the same labels), sorted.
     """
 
-    format_name = "voc"
+    title = "VOC"
+    layouts = (
+        # Split files or not: VOC generates the split without them.
+        Layout(description="Annotations/ (VOC)", matches=lambda root: (root / "Annotations").is_dir(), priority=20),
+        # Last of all: stray .xml files must not take a data set of another format.
+        Layout(
+            description="*.xml beside the images (flat VOC)", matches=lambda root: any(root.glob("*.xml")), priority=90
+        ),
+    )
+    names_keyword = "class_names"
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        split_dir = voc_layout(path)[2]
+        if split_dir is None:
+            return ["train", "val"]  # generated from the file names (module docstring)
+        # Class files (aeroplane_train.txt) hold per-class flags, not splits.
+        return sorted(f.stem for f in split_dir.glob("*.txt") if "_" not in f.stem)
 
     def __init__(self, root: str | Path, split: str = "train", class_names: list[str] | None = None) -> None:
         root = Path(root)
