@@ -31,8 +31,9 @@ class Layout:
     """One on-disk layout that identifies a format.
 
     ``detect_format`` tries the layouts of every registered format in (priority, format name) order,
-    lowest first, and the first that ``matches`` names the format: a new format cannot change how an
-    existing layout is read unless it claims a lower priority. The built-in formats use 10 to 90.
+    lowest first, and the first that ``matches`` names the format. The built-in formats use 10 to 90
+    (90: flat VOC, the catch-all for stray .xml files); a new format with a priority above theirs never
+    takes a layout they recognise.
     """
 
     description: str  # what the "cannot tell the data format" error lists as looked for
