@@ -30,7 +30,7 @@ Name = Annotated[str, Field(min_length=1)]
 
 
 class DataConfig(_Section):
-    format: str = "auto"  # auto | coco | voc | yolo | cityscapes | kitti
+    format: str = "auto"  # auto (detect from the files) or a registered data format (detkd.data.formats)
     root: Name  # data set directory or annotation file
     val_root: Name | None = None  # defaults to root
     train_split: Name = "train"
@@ -42,6 +42,16 @@ class DataConfig(_Section):
     workers: int = Field(2, ge=0)
     limit: int | None = Field(None, ge=1)  # use only the first N images of each split, train and val (quick runs)
     names: list[str] | None = None  # YOLO / VOC class names in label order (default: from the data set's files)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        # The format registry, not a closed list: a format registered by user code is a valid value.
+        from detkd.data.formats.base import FORMATS  # on use: importing the schema does not import the readers
+
+        if v != "auto" and v not in FORMATS:
+            raise ValueError(f"unknown data format {v!r}; available: auto, {', '.join(FORMATS.names())}")
+        return v
 
 
 class ModelConfig(_Section):

@@ -1,10 +1,13 @@
-"""What every format reader shares: records, class names, problem log, validated loading."""
+"""What every format reader shares: records, class names, problem log, validated loading, and the
+format registry (``register_format``) that detection and ``open_source`` read."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +26,22 @@ EDGE_TOLERANCE = 2.0
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk layout that identifies a format.
+
+    ``detect_format`` tries the layouts of every registered format in (priority, format name) order,
+    lowest first, and the first that ``matches`` names the format. The built-in formats use 10 to 90
+    (90: flat VOC, the catch-all for stray .xml files); a new format with a priority above theirs never
+    takes a layout they recognise.
+    """
+
+    description: str  # what the "cannot tell the data format" error lists as looked for
+    matches: Callable[[Path], bool]  # called with a directory (or, when ``file``, an annotation file)
+    priority: int
+    file: bool = False  # matched against an annotation file passed directly, not a data set directory
+
+
 class DetectionSource:
     """A parsed data set split: ``records[i]`` annotations, images decoded on demand.
 
@@ -30,7 +49,21 @@ class DetectionSource:
     fatal ones (unreadable annotation file) raise DataError naming the file.
     """
 
-    format_name = "base"
+    # Set by register_format; "base" for a plain container of records.
+    format_name: ClassVar[str] = "base"
+    title: ClassVar[str] = "base"  # the name in messages ("a COCO annotation file"); defaults to format_name
+    layouts: ClassVar[tuple[Layout, ...]] = ()  # how detect_format recognises the format; none: by name only
+    names_keyword: ClassVar[str | None] = None  # the reader keyword recipe ``data.names`` goes to; None: refused
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        """Split names present at ``path`` (sorted), as ``open_split(split=...)`` takes them."""
+        return []
+
+    @classmethod
+    def open_split(cls, path: Path, *, split: str, **kwargs: Any) -> DetectionSource:
+        """One split of the data set at ``path``; ``kwargs`` are reader keywords (e.g. ``image_dir=``)."""
+        return cls(path, split=split, **kwargs)
 
     def __init__(self, records: list[Record], class_names: list[str], problems: ProblemLog | None = None):
         check_unique_ids(records)
@@ -65,6 +98,24 @@ class DetectionSource:
                 f"says {record.width}x{record.height}"
             )
         return Sample(image=image, record=record)
+
+
+Source = TypeVar("Source", bound=type[DetectionSource])
+
+
+def register_format(name: str) -> Callable[[Source], Source]:
+    """Class decorator: ``@register_format("coco")`` adds a reader to FORMATS and sets its ``format_name``
+    (and ``title``, unless the class sets one). Its ``layouts``, ``list_splits`` and ``open_split`` are
+    all that detection, ``open_source`` and ``data inspect`` need to know of it."""
+
+    def decorator(cls: Source) -> Source:
+        FORMATS.register(name)(cls)  # first: a duplicate name must leave the class untouched
+        cls.format_name = name
+        if "title" not in vars(cls):
+            cls.title = name
+        return cls
+
+    return decorator
 
 
 def stable_image_id(key: str) -> int:
@@ -132,46 +183,78 @@ def checked_size(
     return real
 
 
-def make_record(
-    *,
-    image_id: int,
-    file: Path,
-    height: int,
-    width: int,
-    boxes: list[list[float]],
-    labels: list[int],
-    problems: ProblemLog,
-    ignore: Sequence[Sequence[float]] = (),
-    ignore_labels: Sequence[int] = (),
-    report_file: str | Path | None = None,
-) -> Record:
-    """A Record from plain lists: training boxes validated by ``clean_boxes`` (problems reported
-    against ``report_file``, the annotation file, or the image); ignore regions are clipped to the
-    image and dropped when empty, silently (they only excuse detections, nothing trains on them)."""
-    b, lab = clean_boxes(
-        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        torch.tensor(labels, dtype=torch.int64),
-        width,
-        height,
-        report_file or file,
-        problems,
-    )
-    ign = torch.tensor([list(r) for r in ignore], dtype=torch.float32).reshape(-1, 4)
-    ign_labels = torch.tensor(list(ignore_labels), dtype=torch.int64)
-    if len(ign_labels) != len(ign):
-        raise ValueError(f"{len(ign)} ignore regions but {len(ign_labels)} ignore labels")
-    ign = _clip(ign, width, height)
-    keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
-    return Record(
-        image_id=image_id,
-        file=file,
-        height=height,
-        width=width,
-        boxes=b,
-        labels=lab,
-        ignore=ign[keep],
-        ignore_labels=ign_labels[keep],
-    )
+class ClassLabels:
+    """A data set's class keys (names, or COCO category ids) -> contiguous labels 1..K, in the given
+    order; the one check that an annotation's class is one of the data set's."""
+
+    def __init__(self, keys: Sequence[Hashable], *, problems: ProblemLog, unknown: Callable[[Hashable], str]) -> None:
+        self.label_of: dict[Hashable, int] = {k: i + 1 for i, k in enumerate(keys)}
+        self.problems = problems
+        self.unknown = unknown  # the reader's wording of an unknown key, e.g. "category 99, skipped"
+
+    def get(self, key: Hashable, *, where: str, file: str | Path) -> int | None:
+        """The label of ``key``; None, counted as "unknown category" (``{where}: {unknown(key)}``), when
+        the key is not one of the data set's classes."""
+        label = self.label_of.get(key)
+        if label is None:
+            self.problems.add("unknown category", file, f"{where}: {self.unknown(key)}")
+        return label
+
+
+@dataclass
+class ImageObjects:
+    """One image's annotated objects as a reader collects them: boxes to train on, and ignore regions
+    (COCO crowd, VOC difficult, Cityscapes groups, KITTI DontCare), which are neither trained on nor
+    counted as misses in evaluation."""
+
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    ignore: list[list[float]] = field(default_factory=list)
+    ignore_labels: list[int] = field(default_factory=list)
+
+    def add(self, box: Sequence[float], label: int, *, ignore: bool = False) -> None:
+        if ignore:
+            self.ignore.append(list(box))
+            self.ignore_labels.append(label)
+        else:
+            self.boxes.append(list(box))
+            self.labels.append(label)
+
+    def record(
+        self,
+        *,
+        image_id: int,
+        file: Path,
+        size: tuple[int, int],
+        problems: ProblemLog,
+        report_file: str | Path | None = None,
+    ) -> Record:
+        """The Record of an image of ``size`` (height, width): training boxes validated by ``clean_boxes``
+        (problems reported against ``report_file``, the annotation file, or the image); ignore regions
+        clipped to the image and dropped when empty, silently (they only excuse detections)."""
+        height, width = size
+        b, lab = clean_boxes(
+            torch.tensor(self.boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(self.labels, dtype=torch.int64),
+            width,
+            height,
+            report_file or file,
+            problems,
+        )
+        ign = torch.tensor(self.ignore, dtype=torch.float32).reshape(-1, 4)
+        ign_labels = torch.tensor(self.ignore_labels, dtype=torch.int64)
+        ign = _clip(ign, width, height)
+        keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
+        return Record(
+            image_id=image_id,
+            file=file,
+            height=height,
+            width=width,
+            boxes=b,
+            labels=lab,
+            ignore=ign[keep],
+            ignore_labels=ign_labels[keep],
+        )
 
 
 def _clip(boxes: Tensor, width: int, height: int) -> Tensor:

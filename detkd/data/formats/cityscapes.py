@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
     DetectionSource,
+    ImageObjects,
+    Layout,
     checked_size,
-    make_record,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.sample import ProblemLog
@@ -19,7 +20,11 @@ from detkd.errors import DataError
 CITYSCAPES_CLASSES = ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 
 
-@FORMATS.register("cityscapes")
+def _has_images_and_gt(root: Path) -> bool:
+    return (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir()
+
+
+@register_format("cityscapes")
 class CityscapesSource(DetectionSource):
     """``root/gtFine/{split}/{city}/*_gtFine_polygons.json`` + ``root/leftImg8bit/{split}/{city}/*_leftImg8bit.png``.
 
@@ -27,7 +32,13 @@ class CityscapesSource(DetectionSource):
     passed over silently. Image ids hash ``city/stem``.
     """
 
-    format_name = "cityscapes"
+    title = "Cityscapes"
+    layouts = (Layout(description="leftImg8bit/ + gtFine/ (Cityscapes)", matches=_has_images_and_gt, priority=40),)
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        gt = path / "gtFine"
+        return sorted(d.name for d in gt.iterdir() if d.is_dir()) if gt.is_dir() else []
 
     def __init__(self, root: str | Path, split: str = "train") -> None:
         root = Path(root)
@@ -35,18 +46,19 @@ class CityscapesSource(DetectionSource):
         gt_dir = root / "gtFine" / split
         if not gt_dir.is_dir():
             raise DataError(f"{gt_dir}: split folder not found")
+        # Not ClassLabels: stuff labels (road, sky, ...) are passed over, not counted as unknown.
         label_of = {n: i + 1 for i, n in enumerate(CITYSCAPES_CLASSES)}
         records = []
         for ann in sorted(gt_dir.glob("*/*_gtFine_polygons.json")):
             stem = ann.name.removesuffix("_gtFine_polygons.json")
             city = ann.parent.name
-            height, width, objects = _load_polygons(ann)
+            height, width, polygons = _load_polygons(ann)
             file = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
             size = checked_size(file, height=height, width=width, problems=problems, report_file=ann)
             if size is None:
                 continue
-            boxes, labels, ignore, ignore_labels = [], [], [], []
-            for i, obj in enumerate(objects):
+            objects = ImageObjects()
+            for i, obj in enumerate(polygons):
                 label = str(obj.get("label", "")) if isinstance(obj, dict) else ""
                 base = label.removesuffix("group")
                 if base not in label_of or obj.get("deleted"):
@@ -55,26 +67,10 @@ class CityscapesSource(DetectionSource):
                 if box is None:
                     problems.add("malformed polygon", ann, f"object {i} ({label}): polygon {obj.get('polygon')!r:.60}")
                     continue
-                if label.endswith("group"):  # a crowd of instances not outlined one by one
-                    ignore.append(box)
-                    ignore_labels.append(label_of[base])
-                else:
-                    boxes.append(box)
-                    labels.append(label_of[base])
-            records.append(
-                make_record(
-                    image_id=stable_image_id(f"{city}/{stem}"),
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=ignore_labels,
-                    problems=problems,
-                    report_file=ann,
-                )
-            )
+                # A *group is a crowd of instances not outlined one by one.
+                objects.add(box, label_of[base], ignore=label.endswith("group"))
+            image_id = stable_image_id(f"{city}/{stem}")
+            records.append(objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=ann))
         super().__init__(records, list(CITYSCAPES_CLASSES), problems)
 
 

@@ -5,13 +5,30 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-from detkd.data.formats.base import FORMATS, DetectionSource, checked_size, make_record, read_annotation_text
+from detkd.data.formats.base import (
+    ClassLabels,
+    DetectionSource,
+    ImageObjects,
+    Layout,
+    checked_size,
+    read_annotation_text,
+    register_format,
+)
 from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 
-@FORMATS.register("coco")
+def _is_json(path: Path) -> bool:
+    return path.suffix.lower() == ".json"
+
+
+def _has_annotation_jsons(root: Path) -> bool:
+    return (root / "annotations").is_dir() and any((root / "annotations").glob("*.json"))
+
+
+@register_format("coco")
 class CocoSource(DetectionSource):
     """One COCO instances json.
 
@@ -20,7 +37,27 @@ class CocoSource(DetectionSource):
     are kept as negatives.
     """
 
-    format_name = "coco"
+    title = "COCO"
+    layouts = (
+        Layout(description="a COCO .json", matches=_is_json, priority=10, file=True),
+        Layout(
+            description="a COCO .json file or annotations/*.json (COCO)", matches=_has_annotation_jsons, priority=10
+        ),
+    )
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        """A json file is its own split; in a directory, ``instances_X.json`` names split X, else each json does."""
+        if path.is_file():
+            return [path.stem]
+        files = sorted((path / "annotations").glob("*.json"))
+        instances = [f.stem.removeprefix("instances_") for f in files if f.stem.startswith("instances_")]
+        return instances or [f.stem for f in files]
+
+    @classmethod
+    def open_split(cls, path: Path, *, split: str, **kwargs: Any) -> CocoSource:
+        """``split`` is ignored for a json file; for a directory it picks the annotation file."""
+        return cls(path if path.is_file() else coco_annotation_file(path, split), **kwargs)
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path | None = None) -> None:
         path = Path(annotation_file)
@@ -30,7 +67,9 @@ class CocoSource(DetectionSource):
         image_dir = Path(image_dir) if image_dir is not None else default_image_dir(path, images)
         cats = _categories(path, data)
         self.category_ids: dict[int, int] = {i + 1: cid for i, (cid, _) in enumerate(cats)}
-        label_of = {cid: lab for lab, cid in self.category_ids.items()}
+        classes = ClassLabels(
+            [cid for cid, _ in cats], problems=problems, unknown=lambda cid: f"category {cid!r}, skipped"
+        )
 
         per_image: dict[object, list[dict]] = {}
         for ann in data.get("annotations") or []:
@@ -54,11 +93,10 @@ class CocoSource(DetectionSource):
             size = checked_size(file, height=height, width=width, problems=problems, report_file=path)
             if size is None:
                 continue
-            boxes, labels, ignore, ignore_labels = [], [], [], []
+            objects = ImageObjects()
             for ann in per_image.get(image_id, []):
-                cid = ann.get("category_id")
-                if cid not in label_of:
-                    problems.add("unknown category", path, f"annotation {ann.get('id')}: category {cid!r}, skipped")
+                label = classes.get(ann.get("category_id"), where=f"annotation {ann.get('id')}", file=path)
+                if label is None:
                     continue
                 box = _xyxy(ann.get("bbox"))
                 if box is None:
@@ -66,29 +104,20 @@ class CocoSource(DetectionSource):
                     problems.add("malformed box", path, f"annotation {ann.get('id')}: bbox {bbox!r}, skipped")
                     continue
                 # Crowd regions are neither trained on nor counted as misses (COCO evaluation rule).
-                if ann.get("iscrowd", 0):
-                    ignore.append(box)
-                    ignore_labels.append(label_of[cid])
-                else:
-                    boxes.append(box)
-                    labels.append(label_of[cid])
-            records.append(
-                make_record(
-                    image_id=image_id,
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=ignore_labels,
-                    problems=problems,
-                    report_file=path,
-                )
-            )
+                objects.add(box, label, ignore=bool(ann.get("iscrowd", 0)))
+            records.append(objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=path))
         for image_id in (k for k in per_image if k not in seen):
             problems.add("annotation without image", path, f"annotations for unknown image id {image_id!r}, skipped")
         super().__init__(records, [name for _, name in cats], problems)
+
+
+def coco_annotation_file(root: Path, split: str) -> Path:
+    """``annotations/{split}.json``, else ``annotations/instances_{split}*.json`` (e.g. train -> train2017)."""
+    ann = root / "annotations"
+    for cand in (ann / f"{split}.json", *sorted(ann.glob(f"instances_{split}*.json"))):
+        if cand.is_file():
+            return cand
+    raise DataError(f"{ann}: no annotation file for split {split!r} ({split}.json or instances_{split}*.json)")
 
 
 def load_coco_json(path: Path) -> dict:

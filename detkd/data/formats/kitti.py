@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
+    ClassLabels,
     DetectionSource,
+    ImageObjects,
+    Layout,
     checked_size,
-    make_record,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.formats.voc import read_split_file
@@ -21,7 +23,7 @@ KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist
 ANY_CLASS = 0
 
 
-@FORMATS.register("kitti")
+@register_format("kitti")
 class KittiSource(DetectionSource):
     """``root/training/image_2/*.png`` + ``root/training/label_2/*.txt``.
 
@@ -30,7 +32,18 @@ class KittiSource(DetectionSource):
     Line fields: type truncated occluded alpha x1 y1 x2 y2 h w l x y z ry [score].
     """
 
-    format_name = "kitti"
+    title = "KITTI"
+    layouts = (
+        Layout(
+            description="training/label_2/ (KITTI)",
+            matches=lambda root: (root / "training" / "label_2").is_dir(),
+            priority=50,
+        ),
+    )
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        return sorted(f.stem for f in (path / "ImageSets").glob("*.txt")) or ["all"]
 
     def __init__(self, root: str | Path, split: str | None = None) -> None:
         root = Path(root)
@@ -45,7 +58,7 @@ class KittiSource(DetectionSource):
             stems = sorted(p.stem for p in label_dir.glob("*.txt"))
         else:
             raise DataError(f"{split_file}: split file not found (KITTI has no official {split!r} split; list ids)")
-        label_of = {n: i + 1 for i, n in enumerate(KITTI_CLASSES)}
+        classes = ClassLabels(KITTI_CLASSES, problems=problems, unknown=lambda name: f"class {name!r}, skipped")
         records = []
         for stem in stems:
             file = image_dir / f"{stem}.png"
@@ -57,7 +70,7 @@ class KittiSource(DetectionSource):
             size = checked_size(file, height=None, width=None, problems=problems)
             if size is None:
                 continue
-            boxes, labels, ignore = [], [], []
+            objects = ImageObjects()
             for n, line in enumerate(text.splitlines(), 1):
                 parts = line.split()
                 if not parts:
@@ -71,24 +84,13 @@ class KittiSource(DetectionSource):
                     problems.add("malformed label line", label_file, f"line {n}: non-numeric box {parts[4:8]}")
                     continue
                 if parts[0] == "DontCare":
-                    ignore.append(box)
-                elif parts[0] in label_of:
-                    boxes.append(box)
-                    labels.append(label_of[parts[0]])
-                else:
-                    problems.add("unknown category", label_file, f"line {n}: class {parts[0]!r}, skipped")
+                    objects.add(box, ANY_CLASS, ignore=True)
+                    continue
+                label = classes.get(parts[0], where=f"line {n}", file=label_file)
+                if label is not None:
+                    objects.add(box, label)
+            image_id = stable_image_id(stem)
             records.append(
-                make_record(
-                    image_id=stable_image_id(stem),
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=[ANY_CLASS] * len(ignore),
-                    problems=problems,
-                    report_file=label_file,
-                )
+                objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=label_file)
             )
         super().__init__(records, list(KITTI_CLASSES), problems)

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detkd.data.formats.base import (
-    FORMATS,
     IMAGE_SUFFIXES,
+    ClassLabels,
     DetectionSource,
+    ImageObjects,
+    Layout,
     checked_size,
-    make_record,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.sample import ProblemLog
@@ -60,7 +62,7 @@ class _Annotation:
     objects: list[_Object]
 
 
-@FORMATS.register("voc")
+@register_format("voc")
 class VocSource(DetectionSource):
     """``root/Annotations/*.xml``, ``root/JPEGImages/*``, ``root/ImageSets/Main/{split}.txt``, or the
     flat layout with a generated split (see the module docstring).
@@ -69,7 +71,24 @@ class VocSource(DetectionSource):
     (all of them, not this split's only, so every split gets the same labels), sorted.
     """
 
-    format_name = "voc"
+    title = "VOC"
+    layouts = (
+        # Split files or not: VOC generates the split without them.
+        Layout(description="Annotations/ (VOC)", matches=lambda root: (root / "Annotations").is_dir(), priority=20),
+        # Last of all: stray .xml files must not take a data set of another format.
+        Layout(
+            description="*.xml beside the images (flat VOC)", matches=lambda root: any(root.glob("*.xml")), priority=90
+        ),
+    )
+    names_keyword = "class_names"
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        split_dir = voc_layout(path)[2]
+        if split_dir is None:
+            return ["train", "val"]  # generated from the file names (module docstring)
+        # Class files (aeroplane_train.txt) hold per-class flags, not splits.
+        return sorted(f.stem for f in split_dir.glob("*.txt") if "_" not in f.stem)
 
     def __init__(self, root: str | Path, split: str = "train", class_names: list[str] | None = None) -> None:
         root = Path(root)
@@ -88,7 +107,9 @@ class VocSource(DetectionSource):
                 if isinstance(ann, _Annotation):  # a bad file is reported by the split that lists it
                     names.update(o.name for o in ann.objects if o.name)
             class_names = sorted(names)
-        label_of = {n: i + 1 for i, n in enumerate(class_names)}
+        classes = ClassLabels(
+            class_names, problems=problems, unknown=lambda name: f"class {name!r} not in {class_names}"
+        )
 
         records = []
         for stem, ann in parsed.items():
@@ -104,10 +125,10 @@ class VocSource(DetectionSource):
             size = checked_size(file, height=ann.height, width=ann.width, problems=problems, report_file=xml)
             if size is None:
                 continue
-            boxes, labels, ignore, ignore_labels = [], [], [], []
+            objects = ImageObjects()
             for i, obj in enumerate(ann.objects):
-                if obj.name not in label_of:
-                    problems.add("unknown category", xml, f"object {i}: class {obj.name!r} not in {class_names}")
+                label = classes.get(obj.name, where=f"object {i}", file=xml)
+                if label is None:
                     continue
                 if obj.box is None:
                     problems.add("malformed box", xml, f"object {i} ({obj.name}): malformed <bndbox>, skipped")
@@ -118,26 +139,9 @@ class VocSource(DetectionSource):
                     problems.add("empty box", xml, f"object {i} ({obj.name}): box {obj.box} has zero size, skipped")
                     continue
                 # 1-based inclusive pixel indices -> 0-based continuous xyxy.
-                xyxy = [x1 - 1, y1 - 1, x2, y2]
-                if obj.difficult:
-                    ignore.append(xyxy)
-                    ignore_labels.append(label_of[obj.name])
-                else:
-                    boxes.append(xyxy)
-                    labels.append(label_of[obj.name])
+                objects.add([x1 - 1, y1 - 1, x2, y2], label, ignore=obj.difficult)
             records.append(
-                make_record(
-                    image_id=stable_image_id(stem),
-                    file=file,
-                    height=size[0],
-                    width=size[1],
-                    boxes=boxes,
-                    labels=labels,
-                    ignore=ignore,
-                    ignore_labels=ignore_labels,
-                    problems=problems,
-                    report_file=xml,
-                )
+                objects.record(image_id=stable_image_id(stem), file=file, size=size, problems=problems, report_file=xml)
             )
         super().__init__(records, class_names, problems)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import yaml
 
 from detkd.data.formats.base import (
-    FORMATS,
     IMAGE_SUFFIXES,
     DetectionSource,
+    ImageObjects,
+    Layout,
     checked_size,
-    make_record,
     read_annotation_text,
+    register_format,
     stable_image_id,
 )
 from detkd.data.sample import ProblemLog
@@ -68,7 +69,11 @@ def read_names(root: Path) -> list[str]:
     )
 
 
-@FORMATS.register("yolo")
+def _has_images_and_labels(root: Path) -> bool:
+    return (root / "images").is_dir() and (root / "labels").is_dir()
+
+
+@register_format("yolo")
 class YoloSource(DetectionSource):
     """``root/images/{split}/*`` with ``root/labels/{split}/*.txt`` beside them (same relative path).
 
@@ -76,7 +81,14 @@ class YoloSource(DetectionSource):
     index out of range is counted and skipped. Sizes come from the image headers.
     """
 
-    format_name = "yolo"
+    title = "YOLO"
+    layouts = (Layout(description="images/ + labels/ (YOLO)", matches=_has_images_and_labels, priority=30),)
+    names_keyword = "names"
+
+    @classmethod
+    def list_splits(cls, path: Path) -> list[str]:
+        images = path / "images"
+        return sorted(d.name for d in images.iterdir() if d.is_dir()) if images.is_dir() else []
 
     def __init__(self, root: str | Path, split: str = "train", names: list[str] | None = None) -> None:
         root = Path(root)
@@ -95,7 +107,7 @@ class YoloSource(DetectionSource):
             if size is None:
                 continue
             height, width = size
-            boxes, labels = [], []
+            objects = ImageObjects()
             text = read_annotation_text(label_file, allow_empty=True) if label_file.is_file() else ""
             for n, line in enumerate(text.splitlines(), 1):
                 parsed = _parse_line(line, len(names))
@@ -105,19 +117,11 @@ class YoloSource(DetectionSource):
                 if parsed is None:
                     continue
                 cls, cx, cy, w, h = parsed
-                boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
-                labels.append(cls + 1)
+                box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+                objects.add(box, cls + 1)
+            image_id = stable_image_id(rel.as_posix())
             records.append(
-                make_record(
-                    image_id=stable_image_id(rel.as_posix()),
-                    file=file,
-                    height=height,
-                    width=width,
-                    boxes=boxes,
-                    labels=labels,
-                    problems=problems,
-                    report_file=label_file,
-                )
+                objects.record(image_id=image_id, file=file, size=size, problems=problems, report_file=label_file)
             )
         if label_dir.is_dir():
             for orphan in sorted(set(label_dir.rglob("*.txt")) - labelled):
