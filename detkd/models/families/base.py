@@ -97,8 +97,8 @@ def register_family(name: str) -> Callable[[F], F]:
     """Class decorator: ``@register_family("fcos")`` registers one instance; sets ``cls.name``."""
 
     def decorator(cls: F) -> F:
-        cls.name = name
         DETECTORS.register(name)(cls())
+        cls.name = name  # after registering: a refused duplicate leaves the class as it was
         return cls
 
     return decorator
