@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, WEIGHT_RULES
 from detkd.errors import ConfigError
+from detkd.models.defaults import DEFAULTS as MODEL
 
 DEFAULT_METHOD_WEIGHT = "auto"  # measured on the shapes and BCCD benchmarks (README "Loss weights")
 
@@ -55,20 +56,40 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["retinanet", "fcos", "fasterrcnn"] = "fcos"
-    backbone: Name = "resnet18"
-    fpn_channels: int = Field(64, ge=1)
-    head_convs: int = Field(2, ge=0)  # 0: no conv tower, the predictors sit on the FPN maps
-    anchor_size: int | None = Field(None, ge=1)
-    anchor_scales: int = Field(3, ge=1)  # RetinaNet: octave scales per cell
+    # Defaults: detkd.models.defaults, the one table DetectorSpec reads too.
+    family: Name = MODEL.family  # a registered detector family (detkd.models.DETECTORS)
+    backbone: Name = MODEL.backbone
+    fpn_channels: int = Field(MODEL.fpn_channels, ge=1)
+    head_convs: int = Field(MODEL.head_convs, ge=0)  # 0: no conv tower, the predictors sit on the FPN maps
+    anchor_size: int | None = Field(MODEL.anchor_size, ge=1)  # null: the family's default
+    anchor_scales: int = Field(MODEL.anchor_scales, ge=1)  # RetinaNet: octave scales per cell
     # RetinaNet: aspect ratios.
-    anchor_ratios: list[PositiveFloat] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
-    assigner: Literal["iou", "atss"] = "iou"  # RetinaNet's anchor labelling
-    box_head_dim: int = Field(256, ge=1)
-    score_thresh: float = Field(0.05, ge=0.0, le=1.0)
-    nms_thresh: float = Field(0.5, ge=0.0, le=1.0)
-    detections_per_img: int = Field(100, ge=1)
+    anchor_ratios: list[PositiveFloat] = Field(default_factory=lambda: list(MODEL.anchor_ratios), min_length=1)
+    assigner: Name = MODEL.assigner  # anchor labelling (RetinaNet: iou | atss); a family's registration lists its own
+    box_head_dim: int = Field(MODEL.box_head_dim, ge=1)
+    score_thresh: float = Field(MODEL.score_thresh, ge=0.0, le=1.0)
+    nms_thresh: float = Field(MODEL.nms_thresh, ge=0.0, le=1.0)
+    detections_per_img: int = Field(MODEL.detections_per_img, ge=1)
     checkpoint: str | None = None  # initial weights (detkd or torchvision state dict)
+
+    # The registry is imported when a recipe is validated, not when this module is: it needs torchvision.
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, v: str) -> str:
+        from detkd.models.families import DETECTORS
+
+        if v not in DETECTORS:
+            raise ValueError(f"unknown detector family {v!r}; available: {', '.join(DETECTORS.names())}")
+        return v
+
+    @field_validator("assigner")
+    @classmethod
+    def _known_assigner(cls, v: str) -> str:
+        from detkd.models.families import all_assigners
+
+        if v not in all_assigners():
+            raise ValueError(f"unknown assigner {v!r}; available: {', '.join(all_assigners())}")
+        return v
 
 
 class TrainConfig(_Section):

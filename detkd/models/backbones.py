@@ -9,6 +9,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 BACKBONES = (*RESNETS, "mobilenet_v3")
+EXTRA_LEVELS = {"p6p7": 2, "pool": 1}  # FPN levels each extra block adds above the last stage
 
 
 def build_fpn_backbone(
@@ -45,7 +46,7 @@ def _extra_block(extra: str, fpn_channels: int) -> ExtraFPNBlock:
         return LastLevelP6P7(fpn_channels, fpn_channels)
     if extra == "pool":
         return LastLevelMaxPool()
-    raise ValueError(f"unknown FPN extra block {extra!r}")
+    raise ValueError(f"unknown FPN extra block {extra!r}; available: {', '.join(EXTRA_LEVELS)}")
 
 
 def _mobilenet_fpn(*, fpn_channels: int, extra: str, returned_layers: list[int]) -> BackboneWithFPN:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from detkd.errors import DetkdError
-from detkd.models.builders import DetectorSpec, build_detector
+from detkd.models.builders import DetectorSpec, build_detector, torchvision_spec
 from detkd.models.detector import Detector
 
 FORMAT = "detkd-detector"
@@ -133,27 +133,48 @@ def _refusal(message: str) -> str:
 def load_detector(path: str | Path, *, spec: DetectorSpec | dict | None = None) -> tuple[Detector, dict]:
     """Load a detector and its checkpoint payload.
 
-    detkd checkpoints rebuild themselves from the spec they carry. A plain torchvision state
-    dict (or one saved from a DDP-wrapped model) needs ``spec`` to say what to build.
+    detkd checkpoints rebuild themselves from the spec they carry (``spec``, if given, must
+    match it). A plain torchvision state dict (or one saved from a DDP-wrapped model) needs
+    ``spec`` to say what to build; given as a dict, the sizes it leaves out are torchvision's
+    (``detkd.models.defaults.TORCHVISION_SIZES``), not the recipe defaults.
     """
     payload = read_checkpoint(path)
+    wanted = None if spec is None else _given_spec(path, spec)
     if payload.get("format") == FORMAT:
         ckpt_spec = checkpoint_spec(path, payload)
-        if spec is not None:
-            wanted = spec if isinstance(spec, DetectorSpec) else DetectorSpec.from_dict(spec)
+        if wanted is not None:
             _check_same_architecture(path, wanted, ckpt_spec)
-        detector = build_detector(ckpt_spec)
+        detector = _build(path, ckpt_spec)
         load_state_dict(detector.model, checkpoint_weights(path, payload), source=path)
         return detector, payload
-    if spec is None:
+    if wanted is None:
         raise DetkdError(
             f"{path}: a plain state dict does not say which detector it is; give the model spec "
             "(model.family, model.backbone, model.num_classes, ...) in the recipe"
         )
-    detector = build_detector(spec)
+    detector = _build(path, wanted)
     state = payload.get("state_dict", payload.get("model", payload))
     load_state_dict(detector.model, state, source=path)
     return detector, {"format": "torchvision", "spec": detector.spec, "class_names": None}
+
+
+def _given_spec(path: str | Path, spec: DetectorSpec | dict) -> DetectorSpec:
+    if isinstance(spec, DetectorSpec):
+        return spec
+    try:
+        # A partial dict describes a plain torchvision file: unnamed sizes are torchvision's.
+        return torchvision_spec(spec)
+    except (TypeError, ValueError) as exc:
+        raise DetkdError(f"{path}: invalid detector spec given for it ({exc})") from None
+
+
+def _build(path: str | Path, spec: DetectorSpec) -> Detector:
+    """build_detector, with an unknown family, backbone or assigner named against the file."""
+    try:
+        return build_detector(spec)
+    except (KeyError, ValueError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise DetkdError(f"{path}: cannot build the detector it needs ({reason})") from None
 
 
 def checkpoint_spec(path: str | Path, payload: dict) -> DetectorSpec:

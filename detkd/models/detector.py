@@ -9,29 +9,32 @@ forward pass: distillation needs both.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
-Targets = list[dict[str, Tensor]]
+from detkd.models.families import DETECTORS
+from detkd.models.families.base import Targets
 
 
 class Detector(nn.Module):
-    """Wraps a torchvision RetinaNet, FCOS or Faster R-CNN.
+    """Wraps the torchvision model of a registered detector family (``spec["family"]``).
 
     Images are float [B, 3, H, W] in [0, 1], zero-padded bottom/right; ``image_sizes`` are
     the valid (h, w) of each. Features are named ``p{log2(stride)}`` (p3..p7 for dense
-    detectors, p2..p6 for Faster R-CNN).
+    detectors, p2..p6 for Faster R-CNN). Family-specific work (running the heads, export)
+    goes through the family's registration.
     """
 
     def __init__(self, model: nn.Module, *, spec: dict, image_mean: list[float], image_std: list[float]) -> None:
         super().__init__()
-        if not isinstance(model, (RetinaNet, FCOS, FasterRCNN)):
-            raise TypeError(f"unsupported detector {type(model).__name__}")
+        self._family = DETECTORS.get(spec["family"])
+        if not isinstance(model, self._family.model_types):
+            raise TypeError(f"unsupported detector {type(model).__name__} for family {spec['family']!r}")
         self.model = model
         self.spec = dict(spec)
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
@@ -47,6 +50,14 @@ class Detector(nn.Module):
     @property
     def levels(self) -> list[str]:
         return list(self.strides)
+
+    def train_mode_heads(self) -> list[nn.Module]:
+        """Submodules that compute losses only in train mode (see ``DetectorFamily.train_mode_heads``)."""
+        return self._family.train_mode_heads(self.model)
+
+    def deployable_model(self) -> nn.Module:
+        """A copy of the torchvision model as torchvision's own class, in eval mode (for export)."""
+        return self._family.deployable(copy.deepcopy(self.model).eval())
 
     def _probe_levels(self) -> tuple[dict[str, int], dict[str, int]]:
         size = 256
@@ -94,18 +105,7 @@ class Detector(nn.Module):
         """Detection losses from torchvision-keyed features (also used to backpropagate a
         teacher's loss to its own features, for gradient-guided KD)."""
         image_list = ImageList(images, [tuple(s) for s in image_sizes])
-        m = self.model
-        if isinstance(m, FasterRCNN):
-            proposals, rpn_losses = m.rpn(image_list, raw, targets)
-            _, roi_losses = m.roi_heads(raw, proposals, image_list.image_sizes, targets)
-            return {**roi_losses, **rpn_losses}
-        feats = list(raw.values())
-        head_outputs = m.head(feats)
-        anchors = m.anchor_generator(image_list, feats)
-        if isinstance(m, FCOS):
-            num_per_level = [x.size(2) * x.size(3) for x in feats]
-            return m.compute_loss(targets, head_outputs, anchors, num_per_level)
-        return m.compute_loss(targets, head_outputs, anchors)
+        return self._family.losses(self.model, raw, image_list, targets)
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: Targets) -> dict[str, Tensor]:
         return self.forward_tap(images, image_sizes, targets)[0]
@@ -120,20 +120,4 @@ class Detector(nn.Module):
         self, raw: OrderedDict[str, Tensor], images: Tensor, image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         image_list = ImageList(images, [tuple(s) for s in image_sizes])
-        m = self.model
-        if isinstance(m, FasterRCNN):
-            proposals, _ = m.rpn(image_list, raw)
-            detections, _ = m.roi_heads(raw, proposals, image_list.image_sizes)
-            return detections
-        feats = list(raw.values())
-        # Decode and score in float32: under float16 autocast torchvision decodes boxes in the head's
-        # dtype, which spaces coordinates 0.5 px apart from 512 px up (1 px from 1024).
-        head_outputs = {k: v.float() for k, v in m.head(feats).items()}
-        anchors = m.anchor_generator(image_list, feats)
-        num_per_level = [x.size(2) * x.size(3) for x in feats]
-        hwa = head_outputs["cls_logits"].size(1)
-        a = hwa // sum(num_per_level)
-        split = [n * a for n in num_per_level]
-        split_outputs = {k: list(v.split(split, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(x.split(split)) for x in anchors]
-        return m.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
+        return self._family.predict(self.model, raw, image_list)

@@ -7,7 +7,6 @@ float [3, H, W] images in [0, 1] of any size and returns boxes in their coordina
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
@@ -15,14 +14,11 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from detkd.errors import DetkdError
-from detkd.models.assigners import ATSSRetinaNet
 from detkd.models.detector import Detector
 
 
 def deployable(detector: Detector, *, size: int) -> torch.nn.Module:
-    model = copy.deepcopy(detector.model).eval()
-    if isinstance(model, ATSSRetinaNet):
-        model = model.for_inference()
+    model = detector.deployable_model()  # a copy: the training model stays as it is
     # min_size == max_size == size: the longer side is scaled to `size` unless the shorter one
     # would exceed it first, which cannot happen, so this is detkd's "longer side = size" rule.
     model.transform = GeneralizedRCNNTransform(
