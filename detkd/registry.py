@@ -22,6 +22,13 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove and return an entry (a plugin unloaded, a test's toy registration cleaned up)."""
+        try:
+            return self._items.pop(name)
+        except KeyError:
+            raise KeyError(f"{self.kind} {name!r} is not registered") from None
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -18,10 +18,10 @@ from detkd.models.detector import Detector
 
 @contextmanager
 def loss_mode(detector: Detector):
-    """Faster R-CNN computes losses only in training mode: switch its RPN and RoI heads (which hold no
-    BatchNorm or dropout, so their outputs do not change) for the duration; the backbone stays in eval."""
-    model = detector.model
-    heads: list[nn.Module] = [m for m in (getattr(model, "rpn", None), getattr(model, "roi_heads", None)) if m]
+    """Some families compute losses only in training mode (Faster R-CNN's RPN and RoI heads, which hold
+    no BatchNorm or dropout, so their outputs do not change): switch those heads, named by the family,
+    for the duration; the backbone stays in eval."""
+    heads: list[nn.Module] = detector.train_mode_heads()
     for m in heads:
         m.train()
     try:

@@ -5,6 +5,7 @@ layouts keep their detection order where they overlap."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,14 +78,15 @@ def _jsonl(root: Path) -> None:
 
 
 @pytest.fixture
-def jsonl_format(monkeypatch: pytest.MonkeyPatch) -> str:
-    # Register into a copy of the registry's table, which monkeypatch puts back: other tests never see it.
-    monkeypatch.setattr(FORMATS, "_items", dict(FORMATS._items))
+def jsonl_format() -> Iterator[str]:
     register_format("jsonl")(JsonLinesSource)
-    return "jsonl"
+    try:
+        yield "jsonl"
+    finally:
+        FORMATS.unregister("jsonl")  # other tests never see it
 
 
-def test_a_format_registered_from_outside_is_detected_opened_and_valid_in_recipes(tmp_path, jsonl_format, monkeypatch):
+def test_a_format_registered_from_outside_is_detected_opened_and_valid_in_recipes(tmp_path, jsonl_format):
     _jsonl(tmp_path)
     assert detect_format(tmp_path) == "jsonl" and JsonLinesSource.format_name == "jsonl"
     assert list_splits(tmp_path, "jsonl") == ["train", "val"]
@@ -99,13 +101,14 @@ def test_a_format_registered_from_outside_is_detected_opened_and_valid_in_recipe
     recipe = load_recipe(None, {"data": {"root": str(tmp_path), "format": "jsonl"}})
     assert len(open_source(recipe.data.root, format=recipe.data.format, split=recipe.data.val_split)) == 1
 
-    monkeypatch.undo()  # unregistered: nothing of it is left
+    FORMATS.unregister("jsonl")  # unregistered: nothing of it is left
     assert "jsonl" not in FORMATS
     with pytest.raises(DataError, match="cannot tell the data format") as exc:
         detect_format(tmp_path)
     assert "jsonl" not in str(exc.value)
     with pytest.raises(ConfigError, match="data.format: .*unknown data format 'jsonl'; available: auto, cityscapes"):
         load_recipe(None, {"data": {"root": str(tmp_path), "format": "jsonl"}})
+    register_format("jsonl")(JsonLinesSource)  # back, for the fixture's teardown to remove
 
 
 def test_registered_layouts_join_the_error_and_cannot_take_over_a_builtin_layout(tmp_path, jsonl_format):

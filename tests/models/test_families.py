@@ -47,7 +47,8 @@ def registered_toy_family() -> Iterator[str]:
     try:
         yield "toy_retinanet"
     finally:
-        DETECTORS._items.pop("toy_retinanet", None)  # Registry has no public unregister
+        if "toy_retinanet" in DETECTORS:
+            DETECTORS.unregister("toy_retinanet")
 
 
 @pytest.fixture

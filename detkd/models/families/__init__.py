@@ -1,10 +1,12 @@
 """Detector families. Importing this package registers the built-in ones in ``DETECTORS``.
 
 Adding a family: one module here with a ``DetectorFamily`` subclass decorated
-``@register_family("name")``, and its import below.
+``@register_family("name")``; importing this package imports every module in it.
 """
 
-from detkd.models.families import fasterrcnn, fcos, retinanet  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from detkd.models.families.base import (
     DETECTORS,
     DenseFamily,
@@ -24,3 +26,6 @@ __all__ = [
     "group_norm",
     "register_family",
 ]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
