@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from detkd.data.defaults import BATCH_SIZE, INPUT_SIZE
 from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, WEIGHT_RULES
+from detkd.engine.defaults import TRAIN
 from detkd.errors import ConfigError
 from detkd.models.defaults import DEFAULTS as MODEL
 
-DEFAULT_METHOD_WEIGHT = "auto"  # measured on the shapes and BCCD benchmarks (README "Loss weights")
+DEFAULT_METHOD_WEIGHT = "auto"  # chosen on the shapes benchmark (README "Loss weights")
 
 
 class _Section(BaseModel):
@@ -37,9 +39,9 @@ class DataConfig(_Section):
     train_split: Name = "train"
     val_split: Name = "val"
     # Longer image side; several = multi-scale.
-    sizes: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
+    sizes: list[PositiveInt] = Field(default_factory=lambda: [INPUT_SIZE], min_length=1)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(BATCH_SIZE, ge=1)
     workers: int = Field(2, ge=0)
     limit: int | None = Field(None, ge=1)  # use only the first N images of each split, train and val (quick runs)
     names: list[str] | None = None  # YOLO / VOC class names in label order (default: from the data set's files)
@@ -93,23 +95,23 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(12, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    epochs: int = Field(TRAIN.epochs, ge=1)
+    optimizer: Literal["sgd", "adamw"] = TRAIN.optimizer
+    lr: float = Field(TRAIN.lr, gt=0)
+    momentum: float = Field(TRAIN.momentum, ge=0.0, lt=1.0)
+    weight_decay: float = Field(TRAIN.weight_decay, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = TRAIN.schedule
     # Epochs, for the step schedule.
-    milestones: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [8, 11])
-    gamma: float = Field(0.1, gt=0.0)
-    warmup_iters: int = Field(100, ge=0)
-    warmup_factor: float = Field(0.001, ge=0.0, le=1.0)
-    grad_clip: float | None = Field(10.0, gt=0.0)  # null: no clipping
-    amp: bool = True  # only takes effect on CUDA
-    seed: int = Field(0, ge=0)
-    eval_every: int = Field(1, ge=0)  # epochs; 0 = only at the end
+    milestones: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(TRAIN.milestones))
+    gamma: float = Field(TRAIN.gamma, gt=0.0)
+    warmup_iters: int = Field(TRAIN.warmup_iters, ge=0)
+    warmup_factor: float = Field(TRAIN.warmup_factor, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(TRAIN.grad_clip, gt=0.0)  # null: no clipping
+    amp: bool = TRAIN.amp  # only takes effect on CUDA
+    seed: int = Field(TRAIN.seed, ge=0)
+    eval_every: int = Field(TRAIN.eval_every, ge=0)  # epochs; 0 = only at the end
     device: Name = "auto"
-    log_every: int = Field(10, ge=0)  # steps; 0 behaves as 1
+    log_every: int = Field(TRAIN.log_every, ge=0)  # steps; 0 behaves as 1
     out: Name = "runs/default"
 
 

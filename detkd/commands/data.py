@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from detkd.data.defaults import INPUT_SIZE
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="create or inspect data sets")
@@ -13,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--train", type=int, default=1000, help="training images")
     s.add_argument("--val", type=int, default=200, help="validation images")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--size", type=int, default=INPUT_SIZE, help="image side in pixels")
     s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data set)")
     s.set_defaults(func=run_synth)
 

@@ -16,7 +16,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
     )
     b.add_argument("--split", default="train", help="split the teacher runs over")
-    b.add_argument("--size", type=int, nargs="+", default=[128], help="training scale(s): longer image side")
+    b.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training scale(s): longer image side (default: the size(s) the teacher was trained at)",
+    )
     b.add_argument(
         "--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd", help="cell selection policy"
     )
@@ -99,6 +105,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=run_verify)
 
 
+def teacher_sizes(checkpoint: str) -> list[int]:
+    """The data.sizes of the recipe the teacher was trained with (its training views), else the default."""
+    from detkd.data.defaults import INPUT_SIZE
+    from detkd.models.checkpoint import read_checkpoint, training_sizes
+
+    sizes = training_sizes(read_checkpoint(checkpoint))
+    if sizes:
+        print(f"views at the teacher's training size(s) {sizes} (--size to choose others)")
+        return sizes
+    print(f"{checkpoint} records no training size: views at {INPUT_SIZE} px (--size to choose)")
+    return [INPUT_SIZE]
+
+
 def run_build(args: argparse.Namespace) -> int:
     from detkd.data.formats.detect import open_source
     from detkd.data.views import ViewPolicy
@@ -123,7 +142,8 @@ def run_build(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
     )
     source = open_source(args.data, format=args.format, split=args.split)
-    views = ViewPolicy(sizes=tuple(args.size), flip_prob=0.5 if args.views == "both" else 0.0)
+    sizes = args.size or teacher_sizes(args.teacher)
+    views = ViewPolicy(sizes=tuple(sizes), flip_prob=0.5 if args.views == "both" else 0.0)
     val = None
     if args.check_teacher and args.teacher_ap is None:
         val = open_source(args.data, format=args.format, split=args.val_split)

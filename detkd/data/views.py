@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.data.defaults import INPUT_SIZE
+
 
 @dataclass(frozen=True, order=True)
 class View:
@@ -82,7 +84,7 @@ def boxes_to_original(boxes: Tensor, view: View, orig_size: tuple[int, int]) -> 
 class ViewPolicy:
     """How training views are drawn: a scale among ``sizes`` and a horizontal flip."""
 
-    sizes: tuple[int, ...] = (192,)
+    sizes: tuple[int, ...] = (INPUT_SIZE,)
     flip_prob: float = 0.5
 
     def sample(self, rng: random.Random) -> View:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, set_epoch
+from detkd.engine.defaults import TRAIN
 from detkd.engine.evaluate import ap_summary
 from detkd.engine.inference import evaluate
 from detkd.engine.optim import build_optimizer, build_scheduler
@@ -52,20 +53,20 @@ class Trainer:
         class_names: list[str],
         out_dir: str | Path,
         epochs: int,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        schedule: str = "cosine",
-        milestones: list[int] | None = None,
-        gamma: float = 0.1,
-        warmup_iters: int = 100,
-        warmup_factor: float = 0.001,
-        grad_clip: float | None = 10.0,
-        amp: bool = True,
-        seed: int = 0,
-        eval_every: int = 1,
-        log_every: int = 10,
+        optimizer: str = TRAIN.optimizer,
+        lr: float = TRAIN.lr,
+        momentum: float = TRAIN.momentum,
+        weight_decay: float = TRAIN.weight_decay,
+        schedule: str = TRAIN.schedule,
+        milestones: list[int] | tuple[int, ...] = TRAIN.milestones,
+        gamma: float = TRAIN.gamma,
+        warmup_iters: int = TRAIN.warmup_iters,
+        warmup_factor: float = TRAIN.warmup_factor,
+        grad_clip: float | None = TRAIN.grad_clip,
+        amp: bool = TRAIN.amp,
+        seed: int = TRAIN.seed,
+        eval_every: int = TRAIN.eval_every,
+        log_every: int = TRAIN.log_every,
         device: str | torch.device = "cpu",
         progress: bool = True,
         rank: int = 0,

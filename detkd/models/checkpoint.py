@@ -95,6 +95,13 @@ def _disk_full(directory: Path) -> bool:
         return False
 
 
+def training_sizes(payload: dict) -> list[int] | None:
+    """The ``data.sizes`` of the recipe a checkpoint was trained with (None if it records none)."""
+    recipe = (payload.get("run") or {}).get("recipe") or {}
+    sizes = (recipe.get("data") or {}).get("sizes")
+    return [int(s) for s in sizes] if sizes else None
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint's payload, loaded without executing any code from the file."""
     path = Path(path)

@@ -55,17 +55,6 @@ def _canon(x):
     return json.loads(json.dumps(x, sort_keys=True))
 
 
-_ADVICE = {
-    "teacher_hash": "the store was built from a different teacher checkpoint: pass the checkpoint it was "
-    "built from, or rebuild the store with `detkd store build --teacher <checkpoint>`",
-    "preprocessing": "the run resizes or normalises images differently from the build: use the store's "
-    "preprocessing settings, or rebuild the store",
-    "dataset_fingerprint": "the store was built for a different data set (or split/version of it): point the "
-    "run at that data set, or rebuild the store for this one",
-    "levels": "the store lacks feature levels this run distills: distill only the stored levels, or rebuild",
-    "strides": "a level's stride differs between the store and this run's teacher/student: check the architecture",
-    "channels": "a level's channel count differs between the store and this run's teacher: check the architecture",
-}
 # Fields that change while a store is built or resumed (or only describe the build); everything
 # else is its identity.
 _VOLATILE = ("counts", "created", "tool_version", "complete", "extra", "gaps")
@@ -150,39 +139,3 @@ class Manifest:
         """Fields (other than counts, timestamps, tool version, completeness) that differ."""
         a, b = self.to_dict(), other.to_dict()
         return sorted(k for k in a.keys() | b.keys() if k not in _VOLATILE and a.get(k) != b.get(k))
-
-    def check_compatible(
-        self,
-        *,
-        teacher_hash: str | None = None,
-        preprocessing: dict | None = None,
-        dataset_fingerprint: str | None = None,
-        levels: list[str] | None = None,
-        strides: dict[str, int] | None = None,
-        channels: dict[str, int] | None = None,
-    ) -> None:
-        """Raise StoreError listing every given field that does not match, and what to do."""
-        problems: list[tuple[str, str]] = []
-        if teacher_hash is not None and teacher_hash != self.teacher_hash:
-            problems.append(("teacher_hash", f"store has {self.teacher_hash!r}, this run has {teacher_hash!r}"))
-        if preprocessing is not None and _canon(preprocessing) != _canon(self.preprocessing):
-            ours, theirs = _canon(self.preprocessing), _canon(preprocessing)
-            keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-            diff = "; ".join(f"{k}: store {ours.get(k)!r} vs run {theirs.get(k)!r}" for k in keys)
-            problems.append(("preprocessing", diff))
-        if dataset_fingerprint is not None and dataset_fingerprint != self.dataset_fingerprint:
-            problems.append(
-                ("dataset_fingerprint", f"store has {self.dataset_fingerprint!r}, this run has {dataset_fingerprint!r}")
-            )
-        if levels is not None:
-            missing = [lv for lv in levels if lv not in self.levels]
-            if missing:
-                problems.append(("levels", f"store has {self.levels}, this run needs {missing}"))
-        for name, given in (("strides", strides), ("channels", channels)):
-            stored = getattr(self, name)
-            bad = {lv: (stored[lv], v) for lv, v in (given or {}).items() if lv in stored and int(stored[lv]) != int(v)}
-            if bad:
-                problems.append((name, "; ".join(f"level {lv}: store {s} vs run {r}" for lv, (s, r) in bad.items())))
-        if problems:
-            lines = [f"{name} mismatch: {detail}. Fix: {_ADVICE[name]}" for name, detail in problems]
-            raise StoreError("knowledge store does not match this run:\n  " + "\n  ".join(lines))

@@ -95,3 +95,29 @@ def test_bad_arguments_are_reported_without_traceback(setup, capsys):
     assert "--shard and --num-shards go together" in capsys.readouterr().err
     assert main(["store", "info", str(root / "nowhere")]) == 2
     assert "not a detkd store" in capsys.readouterr().err
+
+
+def test_build_defaults_to_the_teachers_training_size(setup, capsys):
+    """Without --size the views are at the size(s) the teacher's recipe trained at (a store at another
+    size would be refused by every run of that recipe)."""
+    from detkd.models.checkpoint import read_checkpoint
+    from detkd.store.manifest import Manifest
+
+    root, data = setup
+    payload = read_checkpoint(root / "t.pt")
+    teacher = build_detector(DetectorSpec(**payload["spec"]))
+    save_checkpoint(
+        root / "t48.pt",
+        teacher,
+        class_names=payload["class_names"],
+        extra={"run": {"recipe": {"data": {"sizes": [48]}}}},
+    )
+    args = ["store", "build", "--teacher", str(root / "t48.pt"), "--data", str(data), "--teacher-ap", "0.4"]
+    assert main([*args, "--workers", "0", "--no-progress", "--out", str(root / "s48")]) == 0
+    assert "views at the teacher's training size(s) [48]" in capsys.readouterr().out
+    assert Manifest.load(root / "s48").preprocessing["sizes"] == [48]
+    assert (
+        main([*args[:3], str(root / "t.pt"), *args[4:], "--workers", "0", "--no-progress", "--out", str(root / "s0")])
+        == 0
+    )
+    assert "records no training size: views at 128 px" in capsys.readouterr().out

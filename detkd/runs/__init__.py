@@ -1,0 +1,11 @@
+"""Runs: the composition root. A recipe becomes data, models, a teacher source, a task and a trainer here.
+
+Everything below (``distill``, ``store``, ``engine``, ``knowledge``, ``models``, ``data``) is wired
+together only in this package; the CLI (``commands``), the Python API and the benchmarks call it.
+"""
+
+from detkd.runs.distill import distill
+from detkd.runs.evaluate import checkpoint_size, evaluate_checkpoint
+from detkd.runs.train import train
+
+__all__ = ["checkpoint_size", "distill", "evaluate_checkpoint", "train"]

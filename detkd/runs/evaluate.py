@@ -1,0 +1,48 @@
+"""``detkd eval`` and ``api.evaluate_checkpoint``: one evaluation of a checkpoint on one split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from detkd.data.defaults import INPUT_SIZE
+from detkd.data.formats.detect import open_source
+from detkd.data.loader import ViewedDataset, build_loader
+from detkd.data.views import ViewPolicy
+from detkd.errors import DetkdError
+from detkd.models.checkpoint import load_detector, training_sizes
+from detkd.runs.setup import resolve_device
+
+
+def checkpoint_size(payload: dict, default: int = INPUT_SIZE) -> int:
+    """The input size a checkpoint was trained at (its recipe's largest ``data.sizes``)."""
+    sizes = training_sizes(payload)
+    return max(sizes) if sizes else default
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    size: int | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    device: str = "auto",
+    format: str | None = None,
+    progress: bool = False,
+):
+    """COCO-style metrics (EvalResult) of a checkpoint on one split: the one evaluation behind
+    ``detkd eval`` and ``api.evaluate_checkpoint``. ``size`` defaults to the size it was trained at."""
+    from detkd.engine.inference import evaluate
+
+    detector, payload = load_detector(checkpoint)
+    source = open_source(data, format=format, split=split)
+    names = payload.get("class_names")
+    if names and names != source.class_names:
+        raise DetkdError(f"{data}: classes {source.class_names} differ from the checkpoint's {names}")
+    policy = ViewPolicy(sizes=(size or checkpoint_size(payload),), flip_prob=0.0)
+    loader = build_loader(
+        ViewedDataset(source, policy, train=False), batch_size=batch_size, shuffle=False, workers=workers
+    )
+    run_on = resolve_device(device)
+    return evaluate(detector.to(run_on), loader, source, device=run_on, progress=progress)
