@@ -4,6 +4,7 @@ recipes. Tests reach detkd's runs through ``detkd.api`` and the CLI, so these he
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,3 +175,22 @@ def strict_json_loads(text: str):
 def strict_json():
     """``strict_json(text)`` -> the parsed JSON; ValueError on NaN / Infinity (see strict_json_loads)."""
     return strict_json_loads
+
+
+SUMMARY_LABELS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "VOC mAP@0.5": "voc_map50"}
+
+
+def parse_done_lines(text: str) -> list[tuple[dict[str, float | None], str]]:
+    """The ``done: AP (x100): AP 6.3, AP50 12.1, ...  (run directory: DIR)`` lines a train or distill
+    command prints: for each, the metrics shown (x100; None for n/a) and the run directory."""
+    found = []
+    for m in re.finditer(r"^done: AP \(x100\): (.*)  \(run directory: (.*)\)$", text, flags=re.MULTILINE):
+        shown = dict(item.rsplit(" ", 1) for item in m.group(1).split(", "))
+        found.append(({SUMMARY_LABELS[k]: None if v == "n/a" else float(v) for k, v in shown.items()}, m.group(2)))
+    return found
+
+
+@pytest.fixture
+def done_lines():
+    """``done_lines(stdout)`` -> [(metrics x100, run directory)] of its summary lines (see parse_done_lines)."""
+    return parse_done_lines
