@@ -22,7 +22,7 @@ def _step_terms(run, step: int = 1) -> dict[str, float]:
 def test_method_argument_reaches_the_method(tmp_path, small_synth, recipe_factory, checkpoint_factory):
     names = api.open_source(small_synth, format="coco", split="train").class_names
     teacher = checkpoint_factory(tmp_path / "teacher.pt", names, seed=1, fpn_channels=32)
-    recipe = str(recipe_factory(tmp_path, small_synth, tmp_path / "unused", train_keys="log_every: 1"))
+    recipe = str(recipe_factory(tmp_path, small_synth, tmp_path / "unused", train_keys="log_every: 1, device: cpu"))
     common = ["method=fitnet:1", f"teacher={teacher}", "distill.check_teacher=false"]
     # fitnet's own `weight` argument (the paper weight, 1 by default) scales its loss terms; the explicit
     # multiplier 1 keeps the `auto` rule from rescaling them. Same seed, same first batch, same start.
