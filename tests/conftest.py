@@ -1,7 +1,11 @@
-"""Shared fixtures: a tiny on-disk data set and tiny detectors (random weights, no downloads)."""
+"""Shared fixtures: tiny data sets, tiny detectors and checkpoints (random weights, no downloads), tiny
+recipes. Tests reach detkd's runs through ``detkd.api`` and the CLI, so these helpers do too where they can."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from detkd import api
+from detkd.cli import main
 from detkd.data.formats.base import DetectionSource
 from detkd.data.sample import Record
 from detkd.models.builders import DetectorSpec
@@ -75,18 +81,116 @@ def source_factory():
     return make_tiny_source
 
 
-def write_tiny_recipe(tmp_path: Path, data: Path, out: Path, *, batch_size: int = 2, extra: str = "") -> Path:
-    """``tmp_path/r.yaml``: a one-epoch FCOS recipe at 64 px on ``data``, writing its run to ``out``."""
-    path = tmp_path / "r.yaml"
+def write_tiny_recipe(
+    tmp_path: Path,
+    data: Path,
+    out: Path,
+    *,
+    batch_size: int = 2,
+    epochs: int = 1,
+    data_keys: str = "",
+    train_keys: str = "",
+    extra: str = "",
+    name: str = "r.yaml",
+) -> Path:
+    """``tmp_path/name``: an ``epochs``-epoch FCOS recipe (FPN-16, one head conv) at 64 px on ``data``,
+    writing its run to ``out``. ``data_keys`` / ``train_keys`` add keys to those sections (YAML flow
+    text such as ``"log_every: 1"``); ``extra`` appends whole sections (``"distill: {...}\\n"``)."""
+    more_data = f", {data_keys}" if data_keys else ""
+    more_train = f", {train_keys}" if train_keys else ""
+    path = tmp_path / name
     path.write_text(
-        f"data: {{root: {data}, sizes: [64], batch_size: {batch_size}, workers: 0}}\n"
+        f"data: {{root: {data}, sizes: [64], batch_size: {batch_size}, workers: 0{more_data}}}\n"
         "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
-        f"train: {{epochs: 1, warmup_iters: 1, out: {out}}}\n" + extra
+        f"train: {{epochs: {epochs}, warmup_iters: 1{more_train}, out: {out}}}\n" + extra
     )
     return path
 
 
 @pytest.fixture
 def recipe_factory():
-    """``recipe_factory(tmp_path, data, out, extra=...)`` -> a tiny one-epoch recipe file (see write_tiny_recipe)."""
+    """``recipe_factory(tmp_path, data, out, extra=...)`` -> a tiny recipe file (see write_tiny_recipe)."""
     return write_tiny_recipe
+
+
+@pytest.fixture(scope="session")
+def synth_factory(tmp_path_factory):
+    """``synth_factory(train=8, val=4)`` -> a ``detkd data synth`` data set (COCO layout, 64 px, six shape
+    classes), written once per session and shared between tests: copy it before changing it."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(train: int = 8, val: int = 4) -> Path:
+        if (train, val) not in made:
+            out = tmp_path_factory.mktemp(f"synth-{train}-{val}") / "shapes"
+            argv = ["data", "synth", "--out", str(out), "--train", str(train), "--val", str(val), "--size", "64"]
+            assert main(argv) == 0
+            made[train, val] = out
+        return made[train, val]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synth(synth_factory) -> Path:
+    """The shared synthetic data set with 8 training and 4 validation images (see synth_factory)."""
+    return synth_factory(8, 4)
+
+
+@pytest.fixture(scope="session")
+def small_synth(synth_factory) -> Path:
+    """The shared synthetic data set with 4 training and 2 validation images (see synth_factory)."""
+    return synth_factory(4, 2)
+
+
+def write_random_checkpoint(
+    path: Path, class_names: Sequence[str], *, seed: int = 0, extra: dict | None = None, **spec
+) -> Path:
+    """A detkd checkpoint of a random-weight FCOS (ResNet-18, FPN-16, one head conv) for ``class_names``:
+    a teacher or a model to load without training one. ``spec`` overrides DetectorSpec fields."""
+    fields = dict(family="fcos", backbone="resnet18", num_classes=len(class_names), fpn_channels=16, head_convs=1)
+    fields.update(spec)
+    torch.manual_seed(seed)
+    detector = api.build_detector(api.DetectorSpec(**fields))
+    api.save_checkpoint(path, detector, class_names=list(class_names), extra=extra)
+    return Path(path)
+
+
+@pytest.fixture
+def checkpoint_factory():
+    """``checkpoint_factory(path, class_names, extra={...})`` -> a random-weight checkpoint (see
+    write_random_checkpoint)."""
+    return write_random_checkpoint
+
+
+def strict_json_loads(text: str):
+    """json.loads that refuses NaN / Infinity, as JavaScript, jq and most other parsers do."""
+
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def strict_json():
+    """``strict_json(text)`` -> the parsed JSON; ValueError on NaN / Infinity (see strict_json_loads)."""
+    return strict_json_loads
+
+
+SUMMARY_LABELS = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "VOC mAP@0.5": "voc_map50"}
+
+
+def parse_done_lines(text: str) -> list[tuple[dict[str, float | None], str]]:
+    """The ``done: AP (x100): AP 6.3, AP50 12.1, ...  (run directory: DIR)`` lines a train or distill
+    command prints: for each, the metrics shown (x100; None for n/a) and the run directory."""
+    found = []
+    for m in re.finditer(r"^done: AP \(x100\): (.*)  \(run directory: (.*)\)$", text, flags=re.MULTILINE):
+        shown = dict(item.rsplit(" ", 1) for item in m.group(1).split(", "))
+        found.append(({SUMMARY_LABELS[k]: None if v == "n/a" else float(v) for k, v in shown.items()}, m.group(2)))
+    return found
+
+
+@pytest.fixture
+def done_lines():
+    """``done_lines(stdout)`` -> [(metrics x100, run directory)] of its summary lines (see parse_done_lines)."""
+    return parse_done_lines

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+SCHEDULES = ("cosine", "step", "constant")
+
 
 def build_optimizer(
     module: nn.Module, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
@@ -36,6 +38,8 @@ def build_scheduler(
     warmup_iters: int = 0,
     warmup_factor: float = 0.001,
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    if schedule not in SCHEDULES:  # anything else trained at a constant rate, silently
+        raise ValueError(f"unknown schedule {schedule!r} ({', '.join(SCHEDULES)})")
     total = max(1, iters_per_epoch * epochs)
     steps = [m * iters_per_epoch for m in (milestones or [])]
 

@@ -4,7 +4,6 @@ validation rows in log.csv, one AP scale (x100, labelled) on screen, data.limit 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 
@@ -17,41 +16,20 @@ from detkd.jsonio import dumps
 from detkd.runs.setup import load_data
 
 
-def strict_json(text: str):
-    """json.loads that refuses NaN / Infinity, as JavaScript, jq and most other parsers do."""
-
-    def refuse(name: str):
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--train", "8", "--val", "4", "--size", "64"]) == 0
-    return out
-
-
-def _recipe(tmp_path, data, out, epochs: int):
-    path = tmp_path / f"r{epochs}.yaml"
-    path.write_text(
-        f"data: {{root: {data}, sizes: [64], batch_size: 4, workers: 0}}\n"
-        "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
-        f"train: {{epochs: {epochs}, warmup_iters: 1, log_every: 10, out: {out}}}\n"
-    )
-    return path
-
-
-def test_dumps_writes_null_for_non_finite_numbers():
+def test_dumps_writes_null_for_non_finite_numbers(strict_json):
     text = dumps({"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": {"d": torch.tensor(float("nan"))}})
     assert strict_json(text) == {"a": None, "b": [None, None, 1.5], "c": {"d": None}}
 
 
-def test_run_outputs(tmp_path, synth, capsys, caplog):
+def test_run_outputs(tmp_path, synth, recipe_factory, strict_json, capsys, caplog):
     run = tmp_path / "run"
+
+    def recipe(epochs: int) -> str:
+        options = dict(batch_size=4, epochs=epochs, train_keys="log_every: 10", name=f"r{epochs}.yaml")
+        return str(recipe_factory(tmp_path, synth, run, **options))
+
     caplog.set_level(logging.INFO, logger="detkd")
-    assert main(["train", str(_recipe(tmp_path, synth, run, 2)), "--no-progress"]) == 0
+    assert main(["train", recipe(2), "--no-progress"]) == 0
     # 8 images / batch 4 = 2 steps per epoch; log_every=10 logs step 1 only, evaluations run after steps 2 and 4.
     saved = strict_json((run / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [1, 2] and saved["last"]["epoch"] == 2
@@ -70,7 +48,7 @@ def test_run_outputs(tmp_path, synth, capsys, caplog):
     assert any("epoch 2/2 done" in m and "AP (x100)" in m for m in caplog.messages)
 
     # Resuming one more epoch keeps the numbering and drops nothing twice.
-    assert main(["train", str(_recipe(tmp_path, synth, run, 3)), "--resume", "--no-progress"]) == 0
+    assert main(["train", recipe(3), "--resume", "--no-progress"]) == 0
     saved = strict_json((run / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [1, 2, 3]
     lines = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +73,7 @@ def test_data_limit_applies_to_both_splits_and_says_so(synth, caplog):
     )
 
 
-def test_bench_json_is_strict(tmp_path):
+def test_bench_json_is_strict(tmp_path, strict_json):
     from detkd.bench import accuracy
     from detkd.bench.speed import write_results
 

@@ -1,6 +1,5 @@
 """Run logs: exact round trips, resume/truncate without duplicated curves, and the curves PNG."""
 
-import json
 import math
 import sys
 
@@ -120,20 +119,13 @@ def test_plot_run_with_partial_logs(tmp_path, what):
     assert _png_size(plot_run(tmp_path)) == (1100, 400)
 
 
-def _strict(text: str):
-    def refuse(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def test_metrics_with_nan_and_numpy_values(tmp_path):
+def test_metrics_with_nan_and_numpy_values(tmp_path, strict_json):
     np = pytest.importorskip("numpy")
     with RunLogger(tmp_path, tensorboard=False) as logger:
         logger.log_metrics(1, {"APs": math.nan, "AP": np.float32(0.5), "hist": np.arange(3), "inf": np.float64("inf")})
     (m,) = read_metrics(tmp_path)
     assert m["APs"] is None and m["inf"] is None and m["AP"] == 0.5 and m["hist"] == [0, 1, 2]
-    _strict((tmp_path / "metrics.jsonl").read_text())  # strict parsers reject bare NaN / Infinity
+    strict_json((tmp_path / "metrics.jsonl").read_text())  # strict parsers reject bare NaN / Infinity
 
 
 def test_evaluation_at_its_real_step_and_in_log_csv(tmp_path):

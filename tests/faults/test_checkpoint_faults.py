@@ -34,13 +34,6 @@ class CodeOnLoad:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--train", "4", "--val", "2", "--size", "64"]) == 0
-    return out
-
-
 def _spec() -> DetectorSpec:
     return DetectorSpec(num_classes=len(SHAPES), fpn_channels=16, head_convs=1)
 
@@ -75,11 +68,11 @@ def test_the_payload_really_runs_code_when_loaded_unsafely(tmp_path, kind):
 NO_TEACHER_CHECK = "distill: {check_teacher: false}\n"
 
 
-def _argv(entry: str, path: Path, tmp_path: Path, synth: Path, recipe_factory) -> list[str]:
+def _argv(entry: str, path: Path, tmp_path: Path, small_synth: Path, recipe_factory) -> list[str]:
     run = tmp_path / "run"
-    recipe = str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK))
+    recipe = str(recipe_factory(tmp_path, small_synth, run, extra=NO_TEACHER_CHECK))
     if entry == "eval":
-        return ["eval", "--checkpoint", str(path), "--data", str(synth), "--workers", "0"]
+        return ["eval", "--checkpoint", str(path), "--data", str(small_synth), "--workers", "0"]
     if entry == "distill-teacher":
         return ["distill", recipe, "method=fitnet", f"teacher={path}", "--no-progress"]
     if entry == "model-checkpoint":
@@ -89,7 +82,7 @@ def _argv(entry: str, path: Path, tmp_path: Path, synth: Path, recipe_factory) -
         shutil.copy(path, run / "last.pt")
         return ["train", recipe, "--resume", "--no-progress"]
     if entry == "store-build":
-        build = ["store", "build", "--teacher", str(path), "--data", str(synth), "--size", "64", "--workers", "0"]
+        build = ["store", "build", "--teacher", str(path), "--data", str(small_synth), "--size", "64", "--workers", "0"]
         return [*build, "--out", str(tmp_path / "store"), "--no-progress"]
     assert entry == "export"
     return ["export", str(path), "--out", str(tmp_path / "m.ts")]
@@ -100,9 +93,9 @@ ENTRIES = ["eval", "distill-teacher", "model-checkpoint", "train-resume", "store
 
 @pytest.mark.parametrize("kind", ["alone", "embedded"])
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_malicious_pickle_is_refused_everywhere(recipe_factory, tmp_path, synth, capsys, entry, kind):
+def test_malicious_pickle_is_refused_everywhere(recipe_factory, tmp_path, small_synth, capsys, entry, kind):
     path, marker = _malicious(tmp_path, kind)
-    argv = _argv(entry, path, tmp_path, synth, recipe_factory)
+    argv = _argv(entry, path, tmp_path, small_synth, recipe_factory)
     named = tmp_path / "run" / "last.pt" if entry == "train-resume" else path
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -142,11 +135,11 @@ def test_old_checkpoint_with_a_pickled_spec_dataclass_still_loads(tmp_path):
         (lambda p: p["model"].update({"head.extra": [1.0]}), "weights do not fit the detector: 'head.extra' is a list"),
     ],
 )
-def test_checkpoint_missing_what_detkd_needs_names_the_file(tmp_path, synth, capsys, damage, message):
+def test_checkpoint_missing_what_detkd_needs_names_the_file(tmp_path, small_synth, capsys, damage, message):
     payload = torch.load(_genuine(tmp_path / "g.pt"), weights_only=True)
     damage(payload)
     torch.save(payload, tmp_path / "bad.pt")
-    assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(synth), "--workers", "0"]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "bad.pt"), "--data", str(small_synth), "--workers", "0"]) == 2
     assert f"detkd: error: {tmp_path / 'bad.pt'}: {message}" in capsys.readouterr().err
 
 
@@ -166,14 +159,21 @@ def test_files_that_are_not_checkpoints(tmp_path, write, message):
         read_checkpoint(path)
 
 
-def test_resume_from_a_checkpoint_without_full_training_state(recipe_factory, tmp_path, synth, capsys):
+def test_resume_from_a_checkpoint_without_full_training_state(recipe_factory, tmp_path, small_synth, capsys):
     run = tmp_path / "run"
     payload = torch.load(_genuine(tmp_path / "g.pt"), weights_only=True)
     payload["train_state"] = {"epoch": 0, "best_ap": 0.1}
     run.mkdir()
     torch.save(payload, run / "last.pt")
     assert (
-        main(["train", str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK)), "--resume", "--no-progress"])
+        main(
+            [
+                "train",
+                str(recipe_factory(tmp_path, small_synth, run, extra=NO_TEACHER_CHECK)),
+                "--resume",
+                "--no-progress",
+            ]
+        )
         == 2
     )
     err = capsys.readouterr().err
@@ -238,10 +238,14 @@ def test_torch_runtime_error_on_write(tmp_path, monkeypatch, disk_full):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_training_says_so_naming_the_checkpoint(recipe_factory, tmp_path, synth, capsys, monkeypatch):
+def test_disk_full_while_training_says_so_naming_the_checkpoint(
+    recipe_factory, tmp_path, small_synth, capsys, monkeypatch
+):
     run = tmp_path / "run"
     monkeypatch.setattr(torch, "save", _partial_then(OSError(errno.ENOSPC, "No space left on device")))
-    assert main(["train", str(recipe_factory(tmp_path, synth, run, extra=NO_TEACHER_CHECK)), "--no-progress"]) == 2
+    assert (
+        main(["train", str(recipe_factory(tmp_path, small_synth, run, extra=NO_TEACHER_CHECK)), "--no-progress"]) == 2
+    )
     err = capsys.readouterr().err
     assert f"detkd: error: {run / 'best.pt'}: no space left on device\n" in err
     assert "Traceback" not in err

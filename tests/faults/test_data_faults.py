@@ -22,40 +22,22 @@ from detkd.data.formats.detect import open_source
 from detkd.runs.setup import load_data
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--train", "4", "--val", "2", "--size", "64"]) == 0
-    return out
-
-
-def _recipe(tmp_path: Path, data: Path, **data_keys: str) -> Path:
-    extra = "".join(f", {k}: {v}" for k, v in data_keys.items())
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"data: {{root: {data}, sizes: [64], batch_size: 2, workers: 0{extra}}}\n"
-        "model: {family: fcos, fpn_channels: 16, head_convs: 1}\n"
-        f"train: {{epochs: 1, warmup_iters: 1, out: {tmp_path / 'run'}}}\n"
-    )
-    return path
-
-
-def test_train_split_without_annotations_is_refused_naming_it(tmp_path, synth, capsys):
+def test_train_split_without_annotations_is_refused_naming_it(tmp_path, small_synth, recipe_factory, capsys):
     data = tmp_path / "shapes"
-    shutil.copytree(synth, data)
+    shutil.copytree(small_synth, data)
     ann = data / "annotations" / "train.json"
     coco = json.loads(ann.read_text())
     coco["annotations"] = []
     ann.write_text(json.dumps(coco))
-    assert main(["train", str(_recipe(tmp_path, data)), "--no-progress"]) == 2
+    assert main(["train", str(recipe_factory(tmp_path, data, tmp_path / "run")), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"detkd: error: {data}: the train split 'train' has 4 images but not one annotated object" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_inspect_exits_2_when_an_annotation_file_is_malformed(tmp_path, synth, capsys):
+def test_inspect_exits_2_when_an_annotation_file_is_malformed(tmp_path, small_synth, capsys):
     data = tmp_path / "shapes"
-    shutil.copytree(synth, data)
+    shutil.copytree(small_synth, data)
     (data / "annotations" / "val.json").write_text('{"images": [')
     assert main(["data", "inspect", str(data), "--no-decode"]) == 2
     out, err = capsys.readouterr()
@@ -83,12 +65,12 @@ def _voc(root: Path, splits: dict[str, list[str]]) -> None:
         (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{s}\n" for s in stems))
 
 
-def test_voc_with_one_malformed_xml_skips_that_image_only(tmp_path, caplog, capsys):
+def test_voc_with_one_malformed_xml_skips_that_image_only(tmp_path, recipe_factory, caplog, capsys):
     data = tmp_path / "voc"
     _voc(data, {"train": ["a", "b", "c"], "val": ["d", "e"]})
     bad = data / "Annotations" / "b.xml"
     bad.write_text("<annotation><object><name>cat</name>")  # cut off mid-file
-    recipe = load_recipe(_recipe(tmp_path, data, format="voc"))
+    recipe = load_recipe(recipe_factory(tmp_path, data, tmp_path / "run", data_keys="format: voc"))
     with caplog.at_level(logging.WARNING):
         bundle = load_data(recipe)  # the data set is not refused
     assert [r.file.stem for r in bundle.train_source.records] == ["a", "c"]

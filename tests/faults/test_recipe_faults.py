@@ -9,18 +9,15 @@ import pytest
 
 from detkd.cli import main
 from detkd.commands.distill import expand_shorthands
-from detkd.config import load_recipe
+from detkd.config import DEFAULT_METHOD_WEIGHT, load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _recipe(tmp_path: Path) -> Path:
+@pytest.fixture
+def recipe(tmp_path, recipe_factory) -> Path:
     # The data root does not exist: a value that got past validation would fail there instead.
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"data: {{root: {tmp_path / 'no-data'}, sizes: [64]}}\ntrain: {{epochs: 1, out: {tmp_path / 'run'}}}\n"
-    )
-    return path
+    return recipe_factory(tmp_path, tmp_path / "no-data", tmp_path / "run")
 
 
 BAD_VALUES = [
@@ -76,8 +73,8 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
-def test_bad_value_is_refused_naming_the_field(tmp_path, capsys, override, message):
-    assert main(["train", str(_recipe(tmp_path)), override]) == 2
+def test_bad_value_is_refused_naming_the_field(tmp_path, recipe, capsys, override, message):
+    assert main(["train", str(recipe), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"detkd: error: {tmp_path / 'r.yaml'}: invalid recipe\n")
     assert f"  {message}" in err and "Traceback" not in err
@@ -93,8 +90,8 @@ def test_bad_value_is_refused_naming_the_field(tmp_path, capsys, override, messa
         ("train.lr", "override 'train.lr' is not of the form key=value"),
     ],
 )
-def test_override_that_does_not_parse_is_named(tmp_path, capsys, override, message):
-    assert main(["train", str(_recipe(tmp_path)), override]) == 2
+def test_override_that_does_not_parse_is_named(tmp_path, recipe, capsys, override, message):
+    assert main(["train", str(recipe), override]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"detkd: error: {message}") and "Traceback" not in err
     assert not (tmp_path / "run").exists()
@@ -112,21 +109,21 @@ def test_override_that_does_not_parse_is_named(tmp_path, capsys, override, messa
         (":2", "a method name is missing"),
     ],
 )
-def test_method_shorthand_with_a_bad_weight_names_the_value(tmp_path, capsys, method, shown):
-    assert main(["distill", str(_recipe(tmp_path)), f"method={method}", "teacher=t.pt"]) == 2
+def test_method_shorthand_with_a_bad_weight_names_the_value(recipe, capsys, method, shown):
+    assert main(["distill", str(recipe), f"method={method}", "teacher=t.pt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"detkd: error: 'method={method}': {shown}") and "Traceback" not in err
 
 
-def test_method_argument_value_that_is_not_yaml(tmp_path, capsys):
-    argv = ["distill", str(_recipe(tmp_path)), "method=ssim", "args.ssim.window_size=[7", "teacher=t.pt"]
+def test_method_argument_value_that_is_not_yaml(recipe, capsys):
+    argv = ["distill", str(recipe), "method=ssim", "args.ssim.window_size=[7", "teacher=t.pt"]
     assert main(argv) == 2
     assert "detkd: error: args.ssim.window_size=[7: the value '[7' is not valid YAML" in capsys.readouterr().err
 
 
-def test_good_values_still_pass(tmp_path):
+def test_good_values_still_pass(recipe):
     overrides = expand_shorthands(["method=fitnet:0+pkd:0.5", "args.pkd.eps=0.001", "teacher=t.pt"])
-    r = load_recipe(_recipe(tmp_path), [*overrides, "train.grad_clip=null", "model.head_convs=0", "data.sizes=[64,96]"])
+    r = load_recipe(recipe, [*overrides, "train.grad_clip=null", "model.head_convs=0", "data.sizes=[64,96]"])
     assert [(m.name, m.weight, m.args) for m in r.distill.methods] == [
         ("fitnet", 0.0, {}),
         ("pkd", 0.5, {"eps": 0.001}),
@@ -139,7 +136,12 @@ def test_shipped_recipes_validate(path):
     load_recipe(path)  # the ranges are not tighter than the recipes the project ships
 
 
-def test_weight_rules_by_name(tmp_path):
+def test_weight_rules_by_name(recipe):
     overrides = expand_shorthands(["method=fitnet:auto+pkd:paper+cwd", "teacher=t.pt"])
-    r = load_recipe(_recipe(tmp_path), overrides)
-    assert [(m.name, m.weight) for m in r.distill.methods] == [("fitnet", "auto"), ("pkd", "paper"), ("cwd", "paper")]
+    r = load_recipe(recipe, overrides)
+    # A method without a weight gets the recipe's default rule.
+    assert [(m.name, m.weight) for m in r.distill.methods] == [
+        ("fitnet", "auto"),
+        ("pkd", "paper"),
+        ("cwd", DEFAULT_METHOD_WEIGHT),
+    ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +20,11 @@ from detkd.runs.distill import check_teacher
 from detkd.runs.setup import load_data
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--train", "4", "--val", "2", "--size", "64"]) == 0
-    return out
-
-
 def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(
-    recipe_factory, tmp_path, synth, capsys, monkeypatch
+    recipe_factory, tmp_path, small_synth, capsys, monkeypatch
 ):
     run = tmp_path / "run"
-    recipe = str(recipe_factory(tmp_path, synth, run))
+    recipe = str(recipe_factory(tmp_path, small_synth, run))
 
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt  # the kill lands right after last.pt was renamed into place
@@ -61,15 +53,15 @@ def test_killed_after_final_checkpoint_then_resumed_finishes_the_run(
     assert [m["epoch"] for m in read_metrics(run)] == [1]
 
 
-def test_lr_inf_is_refused_before_anything_runs(recipe_factory, tmp_path, synth, capsys):
+def test_lr_inf_is_refused_before_anything_runs(recipe_factory, tmp_path, small_synth, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(recipe_factory(tmp_path, synth, run)), "train.lr=.inf", "--no-progress"]) == 2
+    assert main(["train", str(recipe_factory(tmp_path, small_synth, run)), "train.lr=.inf", "--no-progress"]) == 2
     assert "train.lr: Input should be a finite number" in capsys.readouterr().err
     assert not run.exists()
 
 
-def test_online_path_warns_loudly_about_an_untrained_teacher(recipe_factory, tmp_path, synth, caplog):
-    recipe = load_recipe(recipe_factory(tmp_path, synth, tmp_path / "run"))
+def test_online_path_warns_loudly_about_an_untrained_teacher(recipe_factory, tmp_path, small_synth, caplog):
+    recipe = load_recipe(recipe_factory(tmp_path, small_synth, tmp_path / "run"))
     bundle = load_data(recipe)
     torch.manual_seed(0)
     teacher = build_detector(DetectorSpec(num_classes=bundle.train_source.num_classes, fpn_channels=16, head_convs=1))
