@@ -63,7 +63,7 @@ def expand_shorthands(items: list[str]) -> list[str]:
             out.append(f"distill.{key}={value}")
         elif key.startswith("args."):
             parts = key.split(".")
-            if len(parts) != 3:
+            if len(parts) != 3 or not all(parts):
                 raise ConfigError(f"{item!r}: method arguments are args.METHOD.KEY=VALUE")
             args.setdefault(parts[1], []).append((parts[2], value))
         else:

@@ -95,11 +95,6 @@ def test_argument_the_method_refuses_is_named(
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty METHOD or KEY in args.METHOD.KEY=VALUE is not refused as malformed: args..weight=2 reads "
-    "as a method named '' and args.fitnet.=2 reaches the method as a keyword argument named ''",
-)
 @pytest.mark.parametrize("item", ["args..weight=2", "args.fitnet.=2"])
 def test_empty_part_of_an_argument_key_is_refused_as_malformed(tmp_path, small_synth, recipe_factory, capsys, item):
     recipe = recipe_factory(tmp_path, small_synth, tmp_path / "run")
