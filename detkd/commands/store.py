@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="training scale(s): longer image side (default: the size(s) the teacher was trained at)",
     )
     b.add_argument(
-        "--policy", choices=["nms-ksd", "dense", "detections"], default="nms-ksd", help="cell selection policy"
+        "--policy", default="nms-ksd", help="selection policy: nms-ksd, dense, detections (or a registered selector)"
     )
     b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense (default: none)")
     b.add_argument(

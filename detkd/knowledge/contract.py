@@ -80,6 +80,7 @@ def channel_group_max(x: Tensor, group: int, dim: int = 1) -> Tensor:
     """Grouped channel max pooling: C -> C/group by the max of each contiguous group."""
     if group == 1:
         return x
+    dim = dim % x.dim()
     c = x.shape[dim]
     if c % group:
         raise ValueError(f"{c} channels cannot be split into groups of {group}")

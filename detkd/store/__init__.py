@@ -12,13 +12,8 @@ from detkd.store.format import (
 from detkd.store.manifest import Manifest, file_sha256, fingerprint
 from detkd.store.mirror import mirror_levels
 from detkd.store.reader import StoreReader
-from detkd.store.select import (
-    SelectionPolicy,
-    compress_channels,
-    default_top_k,
-    select_from_detections,
-    select_peaks,
-)
+from detkd.store.select import SelectionPolicy, default_top_k
+from detkd.store.selectors import SELECTORS, Selector, register_selector
 from detkd.store.verify import VerifyReport, store_info, verify_store
 from detkd.store.writer import StoreWriter, merge_shards, shard_indices
 
@@ -26,13 +21,14 @@ __all__ = [
     "FORMAT_VERSION",
     "LevelRecord",
     "Manifest",
+    "SELECTORS",
+    "Selector",
     "SelectionPolicy",
     "StoreError",
     "StoreReader",
     "StoreWriter",
     "VerifyReport",
     "collate_knowledge",
-    "compress_channels",
     "decode_record",
     "default_top_k",
     "encode_record",
@@ -41,8 +37,7 @@ __all__ = [
     "merge_shards",
     "mirror_levels",
     "record_key",
-    "select_from_detections",
-    "select_peaks",
+    "register_selector",
     "shard_indices",
     "store_info",
     "verify_store",

@@ -215,7 +215,7 @@ def _build_locked(
     importance = None
     if with_importance:
         importance = {**DEFAULT_IMPORTANCE_MODE, **(importance_mode or {})}
-        if any(policy.mode_for(lv) != "dense" for lv in teacher.levels) or policy.channel_group != 1:
+        if any(not policy.selector_for(lv).serves_maps for lv in teacher.levels) or policy.channel_group != 1:
             raise StoreError(
                 "--importance (stored GKD) needs --policy dense and --channel-group 1: GKD imitates whole, "
                 "full-width maps"

@@ -1,5 +1,5 @@
-"""Which teacher feature cells a store keeps: NMS over a channel-max saliency map (NMS-KSD),
-the cells of the teacher's own detections, or the dense map; plus grouped channel max pooling.
+"""The selection policy of a store (which selector per level, budgets, channel pooling, value dtype)
+and NMS-KSD's peak finding. The selectors themselves are registered in ``detkd.store.selectors``.
 
 Conventions shared by every selector:
 
@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.errors import ConfigError
-from detkd.knowledge import KnowledgeOffer, channel_group_max
+from detkd.knowledge import KnowledgeOffer
 from detkd.store.codec import VALUE_DTYPES
-from detkd.store.detections import detection_cells, select_from_detections  # noqa: F401  (re-exported)
+from detkd.store.detections import detection_cells
 from detkd.store.format import LevelRecord, StoreError
+from detkd.store.selectors import SELECTORS, LevelBatch, Selector
 
 SALIENCY = ("max", "mean_abs")
-POLICIES = ("nms-ksd", "detections", "dense")
 _FP16_MAX = 65504.0
 
 
@@ -149,17 +149,13 @@ def select_peaks(
     )[0]
 
 
-def compress_channels(values: Tensor, group: int, *, dim: int = -1) -> Tensor:
-    """Grouped channel max pooling C -> C/group along ``dim`` (last by default: [K, C] cell vectors)."""
-    return channel_group_max(values, group, dim=dim % values.dim())
-
-
 @dataclass
 class SelectionPolicy:
     """How a store selects and compresses teacher features, per level.
 
-    ``name`` is the default selector ("nms-ksd": feature peaks; "detections": cells of the
-    teacher's detections; "dense": the whole valid map); ``per_level`` overrides it by level name,
+    ``name`` is the default selector (registered in ``detkd.store.selectors``: "nms-ksd": feature
+    peaks; "detections": cells of the teacher's detections; "dense": the whole valid map);
+    ``per_level`` overrides it by level name,
     e.g. ``{"p6": "dense", "p7": "dense"}``. ``top_k`` is one int for all levels, a per-level dict,
     or None for ``default_top_k(stride)``; ``density`` (if set) further caps each level at
     ceil(density x its valid cells), so the stored fraction of a map does not grow as images shrink.
@@ -185,15 +181,17 @@ class SelectionPolicy:
 
     def __post_init__(self) -> None:
         for level, mode in {"name": self.name, **self.per_level}.items():
-            if mode not in POLICIES:
+            if mode not in SELECTORS:
                 where = "name" if level == "name" else f"per_level[{level!r}]"
-                raise ConfigError(f"selection policy {where}: unknown {mode!r}; choose one of {POLICIES}")
+                raise ConfigError(
+                    f"selection policy {where}: unknown {mode!r}; choose one of {', '.join(SELECTORS.names())}"
+                )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"selection policy kernel: must be an odd positive integer, got {self.kernel}")
         if self.channel_group < 1:
             raise ConfigError(f"selection policy channel_group: must be >= 1, got {self.channel_group}")
         if self.value_dtype is None:
-            self.value_dtype = "float16" if self.name == "dense" else "int4"
+            self.value_dtype = SELECTORS.get(self.name).default_value_dtype
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"selection policy value_dtype: unknown {self.value_dtype!r}; choose {VALUE_DTYPES}")
         if self.saliency not in SALIENCY:
@@ -210,9 +208,16 @@ class SelectionPolicy:
     def mode_for(self, level: str) -> str:
         return self.per_level.get(level, self.name)
 
+    def selector_for(self, level: str) -> Selector:
+        return SELECTORS.get(self.mode_for(level))()
+
+    def needs_detections(self, levels) -> bool:
+        """The teacher's detections must be computed for a batch (a detection-based selector is used)."""
+        return any(self.selector_for(lv).needs_detections for lv in levels)
+
     def offer(self, levels, *, importance: bool, describe: str) -> KnowledgeOffer:
         """What knowledge selected by this policy can serve (whole maps only where the selector is dense)."""
-        sparse = tuple(lv for lv in levels if self.mode_for(lv) != "dense")
+        sparse = tuple(lv for lv in levels if not self.selector_for(lv).serves_maps)
         per_level = f", per-level {self.per_level}" if self.per_level else ""
         return KnowledgeOffer(
             levels=tuple(levels),
@@ -273,24 +278,16 @@ class SelectionPolicy:
         whole batch (a store build spends its time in the teacher, not here)."""
         n = len(image_sizes)
         out: list[dict[str, LevelRecord]] = [{} for _ in range(n)]
-        det_levels = [lv for lv in features if self.mode_for(lv) == "detections"]
-        if det_levels and detections is None:
+        if self.needs_detections(features) and detections is None:
             raise StoreError("selection policy 'detections' needs the teacher's detections (boxes, scores)")
-        det_cells = []  # per image: every detection-selected level at once (boxes pick their level)
-        for i, size in enumerate(image_sizes if det_levels else []):
-            shapes = {lv: valid_cells(size, strides[lv], tuple(features[lv].shape[-2:])) for lv in det_levels}
-            det_cells.append(
-                detection_cells(
-                    detections[i]["boxes"],
-                    detections[i]["scores"],
-                    strides={lv: strides[lv] for lv in det_levels},
-                    level_shapes=shapes,
-                    assign=self.assign,
-                    top_k={lv: self.top_k_for(lv, strides[lv], shapes[lv]) for lv in det_levels},
-                    dilate=self.dilate,
-                    box_scale=self.box_scale,
-                )
-            )
+        det_cells: list = []
+
+        def detection_cells() -> list[dict[str, tuple[Tensor, Tensor]]]:
+            # Every detection-selected level at once, per image: each box picks its level.
+            if not det_cells:
+                det_cells.extend(self._detection_cells(features, image_sizes, strides, detections))
+            return det_cells
+
         for level, feature in features.items():
             f = feature.detach()
             if f.dim() != 4 or f.shape[0] != n:
@@ -302,34 +299,35 @@ class SelectionPolicy:
                 )
             _check_fp16(level, f)
             valid = [valid_cells(size, strides[level], tuple(f.shape[-2:])) for size in image_sizes]
-            top_k = [self.top_k_for(level, strides[level], v) for v in valid]
-            mode = self.mode_for(level)
-            if mode == "dense":
-                for i, (vh, vw) in enumerate(valid):
-                    dense = compress_channels(f[i, :, :vh, :vw], self.channel_group, dim=0)
-                    out[i][level] = LevelRecord(dense=dense.half().cpu().contiguous())
-                continue
-            if mode == "nms-ksd":
-                picks = peaks_from_saliency_batch(
-                    saliency_map(f, self.saliency),
-                    kernel=self.kernel,
-                    threshold=self.threshold,
-                    threshold_mode=self.threshold_mode,
-                    top_k=top_k,
-                    valid_hw=valid,
+            batch = LevelBatch(
+                level=level,
+                features=f,
+                stride=int(strides[level]),
+                valid=valid,
+                top_k=[self.top_k_for(level, strides[level], v) for v in valid],
+                detection_cells=detection_cells,
+            )
+            for i, record in enumerate(self.selector_for(level).select(batch, self)):
+                out[i][level] = record
+        return out
+
+    def _detection_cells(self, features, image_sizes, strides, detections) -> list[dict[str, tuple[Tensor, Tensor]]]:
+        det_levels = [lv for lv in features if self.selector_for(lv).needs_detections]
+        out = []
+        for i, size in enumerate(image_sizes):
+            shapes = {lv: valid_cells(size, strides[lv], tuple(features[lv].shape[-2:])) for lv in det_levels}
+            out.append(
+                detection_cells(
+                    detections[i]["boxes"],
+                    detections[i]["scores"],
+                    strides={lv: strides[lv] for lv in det_levels},
+                    level_shapes=shapes,
+                    assign=self.assign,
+                    top_k={lv: self.top_k_for(lv, strides[lv], shapes[lv]) for lv in det_levels},
+                    dilate=self.dilate,
+                    box_scale=self.box_scale,
                 )
-            else:
-                picks = [cells[level] for cells in det_cells]
-            counts = [len(cells) for cells, _ in picks]
-            owner = torch.repeat_interleave(torch.arange(n, device=f.device), torch.tensor(counts, device=f.device))
-            yx = torch.cat([yx for yx, _ in picks])
-            values = compress_channels(f[owner, :, yx[:, 0], yx[:, 1]], self.channel_group, dim=1)
-            # Cast and copy to the CPU once per level; records get contiguous splits of one batch tensor.
-            values = values.half().cpu().split(counts)
-            cells = yx.to(torch.int16).cpu().split(counts)
-            scores = torch.cat([score for _, score in picks]).half().cpu().split(counts)
-            for i in range(n):
-                out[i][level] = LevelRecord(yx=cells[i], values=values[i], score=scores[i])
+            )
         return out
 
 

@@ -20,7 +20,7 @@ def teacher_selection(
         raw = teacher.backbone_features(images, image_sizes)
         feats = teacher.name_features(raw)
         detections = None
-        if any(policy.mode_for(lv) == "detections" for lv in feats):  # from the same features
+        if policy.needs_detections(feats):  # from the same features
             detections = teacher.predict_from_features(raw, images, image_sizes)
     return policy.select_batch(
         feats, image_sizes=[tuple(size) for size in image_sizes], strides=teacher.strides, detections=detections

@@ -7,15 +7,14 @@ import pytest
 import torch
 
 from detkd.errors import ConfigError
+from detkd.knowledge import channel_group_max
+from detkd.store.detections import detection_cells, select_from_detections
 from detkd.store.format import StoreError
 from detkd.store.select import (
     SelectionPolicy,
-    compress_channels,
     default_top_k,
-    detection_cells,
     peaks_from_saliency,
     saliency_map,
-    select_from_detections,
     select_peaks,
 )
 
@@ -170,14 +169,14 @@ def test_detection_cells_all_levels_and_dilation():
     assert all(v.shape == (0, 2) for v in empty.values())
 
 
-def test_compress_channels():
+def test_channel_group_max_pools_contiguous_groups():
     v = torch.tensor([[1.0, 5.0, 2.0, 0.0, -1.0, -2.0, -3.0, -0.5]])
-    assert compress_channels(v, 4).tolist() == [[5.0, -0.5]]
-    assert compress_channels(v, 2).tolist() == [[5.0, 2.0, -1.0, -0.5]]
+    assert channel_group_max(v, 4, dim=-1).tolist() == [[5.0, -0.5]]
+    assert channel_group_max(v, 2, dim=-1).tolist() == [[5.0, 2.0, -1.0, -0.5]]
     dense = v.T.reshape(8, 1, 1)
-    assert compress_channels(dense, 4, dim=0).flatten().tolist() == [5.0, -0.5]
+    assert channel_group_max(dense, 4, dim=0).flatten().tolist() == [5.0, -0.5]
     with pytest.raises(ValueError):
-        compress_channels(v, 3)
+        channel_group_max(v, 3, dim=-1)
 
 
 def test_default_top_k():
