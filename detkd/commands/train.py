@@ -42,13 +42,13 @@ def run_train(args: argparse.Namespace) -> int:
 def print_summary(metrics: dict, out: str) -> None:
     if not metrics:  # a non-main DDP rank: rank 0 reports
         return
-    from detkd.engine.evaluate import ap_summary
+    from detkd.engine.metrics import ap_summary
 
     print(f"done: {ap_summary(metrics) or 'no evaluation'}  (run directory: {out})")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from detkd.engine.evaluate import format_table
+    from detkd.engine.metrics import format_table
     from detkd.jsonio import dumps
     from detkd.runs import evaluate_checkpoint
 

@@ -13,11 +13,11 @@ from detkd.data.views import boxes_to_original
 from detkd.models.detector import Detector
 
 if TYPE_CHECKING:
-    from detkd.engine.evaluate import EvalResult
+    from detkd.engine.metrics import EvalResult
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_detector(
     detector: Detector,
     loader: DataLoader,
     source: DetectionSource,
@@ -27,7 +27,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """COCO-style evaluation in original image coordinates (views are undone)."""
-    from detkd.engine.evaluate import DetectionEvaluator
+    from detkd.engine.metrics import DetectionEvaluator
 
     was_training = detector.training
     detector.eval()

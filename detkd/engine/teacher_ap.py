@@ -14,7 +14,7 @@ import torch
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.views import ViewPolicy
-from detkd.engine.inference import evaluate
+from detkd.engine.inference import evaluate_detector
 from detkd.models.detector import Detector
 
 log = logging.getLogger(__name__)
@@ -67,5 +67,5 @@ def measure_teacher_ap(
     loader = build_loader(
         ViewedDataset(source, policy, train=False), batch_size=batch_size, shuffle=False, workers=workers
     )
-    result = evaluate(teacher, loader, source, device=device, progress=False)
+    result = evaluate_detector(teacher, loader, source, device=device, progress=False)
     return result.AP, result.AP50

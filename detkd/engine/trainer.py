@@ -27,10 +27,12 @@ from tqdm import tqdm
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, set_epoch
 from detkd.engine.defaults import TRAIN
-from detkd.engine.evaluate import ap_summary
-from detkd.engine.inference import evaluate
+from detkd.engine.inference import evaluate_detector
+from detkd.engine.metrics import ap_summary
 from detkd.engine.optim import build_optimizer, build_scheduler
-from detkd.engine.run_log import RunLogger, plot_run, read_metrics
+from detkd.engine.plots import plot_run
+from detkd.engine.run_log import RunLogger, read_metrics
+from detkd.engine.tasks import TrainingTask
 from detkd.errors import DetkdError
 from detkd.jsonio import dumps
 from detkd.models.checkpoint import checkpoint_weights, read_checkpoint, remove_stale_temps, save_checkpoint
@@ -45,7 +47,7 @@ RESUME_KEYS = ("epoch", "best_ap", "history", "optimizer", "scheduler", "scaler"
 class Trainer:
     def __init__(
         self,
-        task: nn.Module,
+        task: TrainingTask,
         *,
         train_loader: DataLoader,
         val_loader: DataLoader | None,
@@ -225,7 +227,7 @@ class Trainer:
                 last_epoch = epoch == self.epochs - 1
                 due = self.eval_every > 0 and (epoch + 1) % self.eval_every == 0
                 if self.is_main and self.val_loader is not None and (due or last_epoch):
-                    result = evaluate(
+                    result = evaluate_detector(
                         self.student,
                         self.val_loader,
                         self.val_source,

@@ -33,7 +33,7 @@ def evaluate_checkpoint(
 ):
     """COCO-style metrics (EvalResult) of a checkpoint on one split: the one evaluation behind
     ``detkd eval`` and ``api.evaluate_checkpoint``. ``size`` defaults to the size it was trained at."""
-    from detkd.engine.inference import evaluate
+    from detkd.engine.inference import evaluate_detector
 
     detector, payload = load_detector(checkpoint)
     source = open_source(data, format=format, split=split)
@@ -45,4 +45,4 @@ def evaluate_checkpoint(
         ViewedDataset(source, policy, train=False), batch_size=batch_size, shuffle=False, workers=workers
     )
     run_on = resolve_device(device)
-    return evaluate(detector.to(run_on), loader, source, device=run_on, progress=progress)
+    return evaluate_detector(detector.to(run_on), loader, source, device=run_on, progress=progress)

@@ -18,6 +18,7 @@ from torch import Tensor
 from detkd.knowledge import channel_group_max
 from detkd.registry import Registry
 from detkd.store.format import LevelRecord
+from detkd.store.peaks import peaks_from_saliency_batch, saliency_map
 
 if TYPE_CHECKING:
     from detkd.store.select import SelectionPolicy
@@ -95,8 +96,6 @@ class PeakSelector(Selector):
     """NMS-KSD: the peaks of a channel-max saliency map, kept by NMS over ``kernel`` x ``kernel`` windows."""
 
     def select(self, batch: LevelBatch, policy: SelectionPolicy) -> list[LevelRecord]:
-        from detkd.store.select import peaks_from_saliency_batch, saliency_map
-
         picks = peaks_from_saliency_batch(
             saliency_map(batch.features, policy.saliency),
             kernel=policy.kernel,

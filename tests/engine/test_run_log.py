@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from detkd.engine.run_log import RunLogger, draw_curves, plot_run, read_log, read_metrics
+from detkd.engine.plots import draw_curves, plot_run
+from detkd.engine.run_log import RunLogger, read_log, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

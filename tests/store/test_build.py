@@ -16,10 +16,11 @@ from detkd.data.views import View, ViewPolicy
 from detkd.models.builders import build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import FixedView, build_store
+from detkd.store.detections import detection_cells
 from detkd.store.format import StoreError
 from detkd.store.reader import StoreReader
 from detkd.store.replay import providers
-from detkd.store.select import SelectionPolicy, detection_cells
+from detkd.store.select import SelectionPolicy
 from detkd.store.teacher import StoredTeacher
 from detkd.store.verify import verify_store
 from detkd.store.writer import merge_shards

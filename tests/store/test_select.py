@@ -10,13 +10,8 @@ from detkd.errors import ConfigError
 from detkd.knowledge import channel_group_max
 from detkd.store.detections import detection_cells, select_from_detections
 from detkd.store.format import StoreError
-from detkd.store.select import (
-    SelectionPolicy,
-    default_top_k,
-    peaks_from_saliency,
-    saliency_map,
-    select_peaks,
-)
+from detkd.store.peaks import peaks_from_saliency, saliency_map, select_peaks
+from detkd.store.select import SelectionPolicy, default_top_k
 
 
 def brute_peaks(sal, *, kernel, threshold, mode, top_k, valid_hw):

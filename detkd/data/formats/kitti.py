@@ -19,7 +19,7 @@ from detkd.data.sample import ProblemLog
 from detkd.errors import DataError
 
 KITTI_CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc")
-# Label of DontCare regions: they excuse detections of any class (see detkd.engine.evaluate).
+# Label of DontCare regions: they excuse detections of any class (see detkd.engine.metrics).
 ANY_CLASS = 0
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detkd.data.sample import Record
-from detkd.engine.evaluate import (
+from detkd.engine.metrics import (
     ANY_CLASS,
     DetectionEvaluator,
     all_point_ap,
