@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 
+# The built-in data formats (detkd.data.formats; tests/commands/test_help.py keeps the list equal).
+BUILTIN_FORMATS = ("cityscapes", "coco", "kitti", "voc", "yolo")
+FORMAT_HELP = f"data format: {', '.join(BUILTIN_FORMATS)} or one you registered (default: detect from the files)"
+
 # (name, one line) for every registered distillation method, in registry (sorted) order.
 METHOD_DESCRIPTIONS: list[tuple[str, str]] = [
     ("cwd", "Channel-wise distillation: KL(teacher || student) between per-channel spatial softmax maps."),

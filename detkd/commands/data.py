@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from detkd.commands._help import FORMAT_HELP
 from detkd.data.defaults import INPUT_SIZE
 
 
@@ -21,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     i = dsub.add_parser("inspect", help="recognise a data set's format and report counts and problems")
     i.add_argument("path", help="data set directory or annotation file")
-    i.add_argument("--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect)")
+    i.add_argument("--format", default=None, help=FORMAT_HELP)
     i.add_argument("--splits", nargs="*", default=None, help="splits to inspect (default: all found)")
     i.add_argument("--no-decode", action="store_true", help="do not decode every image (faster)")
     i.set_defaults(func=run_inspect)

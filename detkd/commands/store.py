@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from detkd.commands._help import FORMAT_HELP
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("store", help="build and inspect knowledge stores (the teacher runs once)")
@@ -12,9 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b = ssub.add_parser("build", help="run the teacher over the training set and store its selected knowledge")
     b.add_argument("--teacher", required=True, help="teacher checkpoint")
     b.add_argument("--data", required=True, help="data set directory or annotation file")
-    b.add_argument(
-        "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
-    )
+    b.add_argument("--format", default=None, help=FORMAT_HELP)
     b.add_argument("--split", default="train", help="split the teacher runs over")
     b.add_argument(
         "--size",

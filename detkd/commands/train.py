@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from detkd.commands._help import FORMAT_HELP
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a detector from a YAML recipe")
@@ -17,9 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="COCO-style evaluation of a checkpoint")
     e.add_argument("--checkpoint", required=True, help="detector checkpoint (.pt)")
     e.add_argument("--data", required=True, help="data set directory or annotation file")
-    e.add_argument(
-        "--format", default=None, help="coco, voc, yolo, cityscapes or kitti (default: detect from the files)"
-    )
+    e.add_argument("--format", default=None, help=FORMAT_HELP)
     e.add_argument("--split", default="val", help="split to evaluate")
     e.add_argument("--size", type=int, default=None, help="evaluation scale (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=8, help="images per batch")

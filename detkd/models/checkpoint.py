@@ -95,6 +95,13 @@ def _disk_full(directory: Path) -> bool:
         return False
 
 
+def check_classes(payload: dict, data_classes: list[str], *, path: str | Path, role: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose recorded class names differ from the data's (labels would be mismatched)."""
+    names = payload.get("class_names")
+    if names and list(names) != list(data_classes):
+        raise DetkdError(f"{path}: {role} classes {names} differ from the data's {list(data_classes)}")
+
+
 def training_sizes(payload: dict) -> list[int] | None:
     """The ``data.sizes`` of the recipe a checkpoint was trained with (None if it records none)."""
     recipe = (payload.get("run") or {}).get("recipe") or {}

@@ -11,9 +11,9 @@ from detkd.distill.capabilities import check_servable
 from detkd.distill.inherit import inherit_neck_and_heads
 from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
-from detkd.errors import ConfigError, DetkdError
+from detkd.errors import ConfigError
 from detkd.knowledge.online import OnlineTeacher
-from detkd.models.checkpoint import file_sha256, load_detector
+from detkd.models.checkpoint import check_classes, file_sha256, load_detector
 from detkd.runs.setup import fit_task, setup_run
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,7 @@ def distill(recipe: Recipe, *, resume: bool = False, progress: bool = True, stop
             )
     else:
         teacher_det, payload = load_detector(cfg.teacher, spec=cfg.teacher_model)
-        names = payload.get("class_names")
-        if names and names != bundle.train_source.class_names:
-            raise DetkdError(
-                f"{cfg.teacher}: teacher classes {names} differ from the data's {bundle.train_source.class_names}"
-            )
+        check_classes(payload, bundle.train_source.class_names, path=cfg.teacher, role="teacher")
         selection = None
         if cfg.online_selection:
             from detkd.store.select import SelectionPolicy

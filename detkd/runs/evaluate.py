@@ -8,8 +8,7 @@ from detkd.data.defaults import INPUT_SIZE
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.views import ViewPolicy
-from detkd.errors import DetkdError
-from detkd.models.checkpoint import load_detector, training_sizes
+from detkd.models.checkpoint import check_classes, load_detector, training_sizes
 from detkd.runs.setup import resolve_device
 
 
@@ -37,9 +36,7 @@ def evaluate_checkpoint(
 
     detector, payload = load_detector(checkpoint)
     source = open_source(data, format=format, split=split)
-    names = payload.get("class_names")
-    if names and names != source.class_names:
-        raise DetkdError(f"{data}: classes {source.class_names} differ from the checkpoint's {names}")
+    check_classes(payload, source.class_names, path=checkpoint)
     policy = ViewPolicy(sizes=(size or checkpoint_size(payload),), flip_prob=0.0)
     loader = build_loader(
         ViewedDataset(source, policy, train=False), batch_size=batch_size, shuffle=False, workers=workers

@@ -33,7 +33,7 @@ from detkd.data.sample import Record
 from detkd.data.views import View, ViewPolicy
 from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
 from detkd.errors import DataError
-from detkd.models.checkpoint import file_sha256, load_detector
+from detkd.models.checkpoint import check_classes, file_sha256, load_detector
 from detkd.models.detector import Detector
 from detkd.store.codec import layout_dtypes
 from detkd.store.content import content_digest
@@ -199,9 +199,7 @@ def _build_locked(
 ) -> Manifest:
     teacher, payload = load_detector(teacher_checkpoint)
     teacher.eval().requires_grad_(False).to(device)
-    names = payload.get("class_names")
-    if names and names != source.class_names:
-        raise StoreError(f"{teacher_checkpoint}: teacher classes {names} differ from the data's {source.class_names}")
+    check_classes(payload, source.class_names, path=teacher_checkpoint, role="teacher")
     top_k = policy.top_k if isinstance(policy.top_k, dict) else {}
     unknown = sorted((set(policy.per_level) | set(top_k)) - set(teacher.levels))
     if unknown:

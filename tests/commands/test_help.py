@@ -12,7 +12,7 @@ import pytest
 
 import detkd
 from detkd.cli import build_parser
-from detkd.commands._help import METHOD_DESCRIPTIONS, HelpFormatter, shows_default
+from detkd.commands._help import BUILTIN_FORMATS, METHOD_DESCRIPTIONS, HelpFormatter, shows_default
 
 REPO = Path(detkd.__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "detkd.distill", "detkd.models", "detkd.engine", "detkd.store", "numpy")
@@ -107,3 +107,9 @@ def test_help_shows_defaults_and_no_markup(capsys):
             assert "images per batch (default: 8)" in text
         if argv[0] == "distill":
             assert "fitnet FitNet hint loss" in text  # the method list in the epilog
+
+
+def test_format_help_lists_the_registered_builtin_formats():
+    from detkd.data.formats.base import FORMATS
+
+    assert list(BUILTIN_FORMATS) == FORMATS.names()
