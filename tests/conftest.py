@@ -16,7 +16,7 @@ from PIL import Image
 from detkd import api
 from detkd.cli import main
 from detkd.data.formats.base import DetectionSource
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.models.builders import DetectorSpec
 
 CLASSES = ["square", "bar"]
@@ -37,7 +37,9 @@ def make_tiny_source(root: Path, *, n: int = 6, size: tuple[int, int] = (48, 64)
         path = root / f"{i:03d}.png"
         Image.fromarray(img).save(path)
         boxes = torch.tensor([[x0, y0, x0 + 14, y0 + 14], [bx, by, bx + 5, by + 22]], dtype=torch.float32)
-        records.append(Record(image_id=i + 1, file=path, height=h, width=w, boxes=boxes, labels=torch.tensor([1, 2])))
+        records.append(
+            ImageRecord(image_id=i + 1, file=path, height=h, width=w, boxes=boxes, labels=torch.tensor([1, 2]))
+        )
     return DetectionSource(records, CLASSES)
 
 

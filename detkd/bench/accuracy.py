@@ -29,7 +29,7 @@ class Row:
     name: str  # e.g. "student", "fitnet (online)", "fitnet (stored)", "ssim:paper (online)"
     method: str | None  # METHOD[:WEIGHT]; None = the student alone
     teacher: str | None  # checkpoint or store directory
-    extra: tuple[str, ...] = ()  # row-specific recipe overrides
+    overrides: tuple[str, ...] = ()  # row-specific recipe overrides
     kind: str = "online"  # online | stored | selected online
 
 
@@ -48,7 +48,7 @@ def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: 
     done = run_dir / "metrics.json"
     if done.is_file() and "AP" in json.loads(done.read_text())["last"]:
         return json.loads(done.read_text())["last"]
-    extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides, *row.extra]
+    extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides, *row.overrides]
     if row.method is not None:
         extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{method_entry(row.method)}]"]
     recipe = load_recipe(recipe_path, extra)

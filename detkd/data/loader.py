@@ -13,14 +13,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detkd.data.formats.base import DetectionSource
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.data.views import View, ViewPolicy, apply_view
 from detkd.errors import DataError
 
 log = logging.getLogger(__name__)
 
 # (record, rng) -> view to replay, e.g. one of the views a knowledge store holds for that image.
-ViewProvider = Callable[[Record, random.Random], View]
+ViewProvider = Callable[[ImageRecord, random.Random], View]
 # (image_id, view) -> per-sample teacher knowledge read from a store (runs inside loader workers).
 KnowledgeProvider = Callable[[int, View], dict]
 

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Record:
+class ImageRecord:
     """Annotation of one image, without its pixels.
 
     boxes are xyxy in original image pixels, labels are contiguous 1..K (0 is background,
@@ -41,7 +41,7 @@ class Sample:
     """Decoded image (uint8, CHW, RGB) plus its annotation."""
 
     image: Tensor
-    record: Record
+    record: ImageRecord
 
     @property
     def boxes(self) -> Tensor:

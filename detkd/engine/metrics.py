@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from torch import Tensor
 
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.errors import DetkdError
 
 # Ignore label that excuses detections of every class (KITTI DontCare).
@@ -58,11 +58,11 @@ class DetectionEvaluator:
     image (its maxDets); the VOC metric uses all of them.
     """
 
-    def __init__(self, *, records: Iterable[Record], class_names: list[str]) -> None:
+    def __init__(self, *, records: Iterable[ImageRecord], class_names: list[str]) -> None:
         self.class_names = list(class_names)
         if not self.class_names:
             raise DetkdError("DetectionEvaluator needs at least one class name")
-        self.records: dict[int, Record] = {}
+        self.records: dict[int, ImageRecord] = {}
         for r in records:
             if r.image_id in self.records:
                 raise DetkdError(f"image id {r.image_id} appears twice in the ground truth ({r.file})")
@@ -191,7 +191,7 @@ def _check_labels(labels, num_classes: int, what: str) -> None:
         )
 
 
-def _ignore_labels(r: Record) -> np.ndarray:
+def _ignore_labels(r: ImageRecord) -> np.ndarray:
     # Records without per-region labels excuse every class.
     if len(r.ignore_labels) == len(r.ignore):
         return r.ignore_labels.numpy().astype(np.int64)
@@ -240,7 +240,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, *, union: bool) -> np.ndarray:
 
 
 def voc_ap_per_class(
-    records: Iterable[Record],
+    records: Iterable[ImageRecord],
     detections: Mapping[int, Detections],
     *,
     num_classes: int,
@@ -314,7 +314,7 @@ def voc_ap_per_class(
     return aps
 
 
-def voc_map50(records: Iterable[Record], detections: Mapping[int, Detections], *, num_classes: int) -> float:
+def voc_map50(records: Iterable[ImageRecord], detections: Mapping[int, Detections], *, num_classes: int) -> float:
     """Mean of ``voc_ap_per_class`` over classes with ground truth (NaN when none has any)."""
     values = [v for v in voc_ap_per_class(records, detections, num_classes=num_classes).values() if v is not None]
     return float(np.mean(values)) if values else math.nan

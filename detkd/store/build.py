@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.loader import Batch, Collate, ViewedDataset
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.data.views import View, ViewPolicy
 from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
 from detkd.errors import DataError
@@ -57,7 +57,7 @@ class FixedView:
 
     view: View
 
-    def __call__(self, record: Record, rng) -> View:
+    def __call__(self, record: ImageRecord, rng) -> View:
         return self.view
 
 

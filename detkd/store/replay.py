@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 
 from detkd.data.formats.base import DetectionSource
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.data.views import View, ViewPolicy
 from detkd.models.detector import Detector
 from detkd.store.build import RESIZE_RULE
@@ -122,7 +122,7 @@ class StoredViews:
     sizes: tuple[int, ...] | None = None  # the run's data.sizes: replay only these scales (None: all)
     flips: bool = True  # False when the run disables flipping (data.flip_prob=0)
 
-    def __call__(self, record: Record, rng: random.Random) -> View:
+    def __call__(self, record: ImageRecord, rng: random.Random) -> View:
         views = self.reader.views_for(record.image_id)
         if self.mirror_flips:  # the manifest's flipped views are served by mirroring their unflipped record
             listed = {View.from_dict(v) for v in self.reader.manifest.views}

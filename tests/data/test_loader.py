@@ -10,7 +10,7 @@ from PIL import Image
 from detkd.data.formats.base import DetectionSource
 from detkd.data.images import read_image
 from detkd.data.loader import Batch, Collate, ViewedDataset, build_loader, set_epoch
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.data.views import View, ViewPolicy, apply_view
 
 SIZES = [(40, 60), (64, 48), (30, 30), (50, 70)]
@@ -35,7 +35,7 @@ def _source(tmp_path, n: int = 12, broken: tuple[int, ...] = ()) -> TinySource:
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
         boxes = torch.tensor([[1.0, 2.0, w / 2, h / 2], [w / 4, h / 3, w - 1.0, h - 0.5]])
         labels = torch.tensor([i % 3 + 1, 2])
-        records.append(Record(image_id=100 + i, file=path, height=h, width=w, boxes=boxes, labels=labels))
+        records.append(ImageRecord(image_id=100 + i, file=path, height=h, width=w, boxes=boxes, labels=labels))
     return TinySource(records, ["a", "b", "c"])
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detkd.data.sample import Record
+from detkd.data.sample import ImageRecord
 from detkd.engine.metrics import (
     ANY_CLASS,
     DetectionEvaluator,
@@ -22,7 +22,7 @@ from detkd.errors import DetkdError
 
 
 def _rec(image_id, boxes, labels, ignore=(), ignore_labels=None, size=100):
-    return Record(
+    return ImageRecord(
         image_id=image_id,
         file=f"{image_id}.png",
         height=size,

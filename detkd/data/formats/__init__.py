@@ -1,4 +1,4 @@
-"""One reader per data format, all yielding detkd.data.sample.Record / Sample.
+"""One reader per data format, all yielding detkd.data.sample.ImageRecord / Sample.
 
 Importing this package imports every module in it, so a new built-in format is one new file here
 whose reader carries ``@register_format("name")`` (see base.py); no list of formats to extend.

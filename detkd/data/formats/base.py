@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from detkd.data.images import image_size, read_image
-from detkd.data.sample import ProblemLog, Record, Sample
+from detkd.data.sample import ImageRecord, ProblemLog, Sample
 from detkd.errors import DataError
 from detkd.registry import Registry
 
@@ -65,7 +65,7 @@ class DetectionSource:
         """One split of the data set at ``path``; ``kwargs`` are reader keywords (e.g. ``image_dir=``)."""
         return cls(path, split=split, **kwargs)
 
-    def __init__(self, records: list[Record], class_names: list[str], problems: ProblemLog | None = None):
+    def __init__(self, records: list[ImageRecord], class_names: list[str], problems: ProblemLog | None = None):
         check_unique_ids(records)
         self.records = records
         self.class_names = list(class_names)
@@ -124,7 +124,7 @@ def stable_image_id(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 11
 
 
-def check_unique_ids(records: Sequence[Record]) -> None:
+def check_unique_ids(records: Sequence[ImageRecord]) -> None:
     """Two images with one id would silently share stored teacher knowledge and evaluation entries."""
     seen: dict[int, Path] = {}
     for r in records:
@@ -228,8 +228,8 @@ class ImageObjects:
         size: tuple[int, int],
         problems: ProblemLog,
         report_file: str | Path | None = None,
-    ) -> Record:
-        """The Record of an image of ``size`` (height, width): training boxes validated by ``clean_boxes``
+    ) -> ImageRecord:
+        """The ImageRecord of an image of ``size`` (height, width): training boxes validated by ``clean_boxes``
         (problems reported against ``report_file``, the annotation file, or the image); ignore regions
         clipped to the image and dropped when empty, silently (they only excuse detections)."""
         height, width = size
@@ -245,7 +245,7 @@ class ImageObjects:
         ign_labels = torch.tensor(self.ignore_labels, dtype=torch.int64)
         ign = _clip(ign, width, height)
         keep = (ign[:, 2] > ign[:, 0]) & (ign[:, 3] > ign[:, 1])
-        return Record(
+        return ImageRecord(
             image_id=image_id,
             file=file,
             height=height,
