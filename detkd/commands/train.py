@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=int, default=2, help="data loader worker processes (0 = in process)")
     e.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     e.add_argument("--json", default=None, help="write the metrics here (default: CHECKPOINT with suffix .eval.json)")
+    e.add_argument(
+        "--visualize", type=int, default=0, metavar="N", help="also write PNGs of the first N images' predictions"
+    )
+    e.add_argument("--compare", default=None, help="with --visualize: a second checkpoint's panel (e.g. the teacher)")
+    e.add_argument("--vis-dir", default=None, help="with --visualize: folder (default: CHECKPOINT with suffix .vis)")
+    e.add_argument("--vis-score", type=float, default=0.3, help="with --visualize: lowest score drawn")
     e.set_defaults(func=run_eval)
 
 
@@ -67,4 +73,21 @@ def run_eval(args: argparse.Namespace) -> int:
     out = Path(args.json) if args.json else Path(args.checkpoint).with_suffix(".eval.json")
     out.write_text(dumps(result.to_dict(), indent=2))  # strict JSON: null for undefined metrics
     print(f"metrics written to {out}")
+    if args.visualize > 0:
+        from detkd.runs import visualize_checkpoint
+
+        images = visualize_checkpoint(
+            args.checkpoint,
+            args.data,
+            count=args.visualize,
+            out_dir=args.vis_dir,
+            compare=args.compare,
+            split=args.split,
+            size=args.size,
+            device=args.device,
+            format=args.format,
+            score_thresh=args.vis_score,
+        )
+        where = images[0].parent if images else args.vis_dir
+        print(f"{len(images)} prediction image(s) written to {where} (ground truth | detections, see README.txt there)")
     return 0

@@ -5,7 +5,7 @@ together only in this package; the CLI (``commands``), the Python API and the be
 """
 
 from detkd.runs.distill import distill
-from detkd.runs.evaluate import checkpoint_size, evaluate_checkpoint
+from detkd.runs.evaluate import checkpoint_size, evaluate_checkpoint, visualize_checkpoint
 from detkd.runs.train import train
 
-__all__ = ["checkpoint_size", "distill", "evaluate_checkpoint", "train"]
+__all__ = ["checkpoint_size", "distill", "evaluate_checkpoint", "train", "visualize_checkpoint"]

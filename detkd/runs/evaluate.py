@@ -43,3 +43,40 @@ def evaluate_checkpoint(
     )
     run_on = resolve_device(device)
     return evaluate_detector(detector.to(run_on), loader, source, device=run_on, progress=progress)
+
+
+def visualize_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    count: int,
+    out_dir: str | Path | None = None,
+    compare: str | Path | None = None,
+    split: str = "val",
+    size: int | None = None,
+    device: str = "auto",
+    format: str | None = None,
+    score_thresh: float = 0.3,
+) -> list[Path]:
+    """PNGs of the first ``count`` images of a split: ground truth, the checkpoint's detections and, with
+    ``compare`` (e.g. the teacher), that checkpoint's, side by side. Default folder: CHECKPOINT.vis/."""
+    from detkd.engine.visualize import write_prediction_images
+
+    detector, payload = load_detector(checkpoint)
+    source = open_source(data, format=format, split=split)
+    check_classes(payload, source.class_names, path=checkpoint)
+    panels = [(Path(checkpoint).name, detector)]
+    if compare is not None:
+        other, other_payload = load_detector(compare)
+        check_classes(other_payload, source.class_names, path=compare)
+        panels.append((Path(compare).name, other))
+    out = Path(out_dir) if out_dir else Path(checkpoint).with_suffix(".vis")
+    return write_prediction_images(
+        panels,
+        source,
+        out,
+        count=count,
+        size=size or checkpoint_size(payload),
+        device=resolve_device(device),
+        score_thresh=score_thresh,
+    )

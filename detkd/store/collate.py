@@ -87,22 +87,6 @@ def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowle
     return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
 
 
-def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowledge:
-    features = {lv: t.to(device, non_blocking=True) for lv, t in k.features.items()} if k.features else None
-    cells = None
-    if k.cells:
-        cells = {
-            lv: SparseCells(
-                batch_index=c.batch_index.to(device, non_blocking=True),
-                yx=c.yx.to(device, non_blocking=True),
-                values=c.values.to(device, non_blocking=True),
-                score=None if c.score is None else c.score.to(device, non_blocking=True),
-            )
-            for lv, c in k.cells.items()
-        }
-    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
-
-
 def collate_importance(
     records: Sequence[dict[str, LevelRecord]], sizes: dict[str, tuple[int, int]], device: torch.device | str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
