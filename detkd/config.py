@@ -100,6 +100,8 @@ class TrainConfig(_Section):
     lr: float = Field(TRAIN.lr, gt=0)
     momentum: float = Field(TRAIN.momentum, ge=0.0, lt=1.0)
     weight_decay: float = Field(TRAIN.weight_decay, ge=0.0)
+    # Learning rate of the backbone trunk relative to train.lr (a pretrained trunk: e.g. 0.1).
+    backbone_lr_mult: float = Field(TRAIN.backbone_lr_mult, gt=0.0)
     schedule: Literal["cosine", "step", "constant"] = TRAIN.schedule
     # Epochs, for the step schedule.
     milestones: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(TRAIN.milestones))
