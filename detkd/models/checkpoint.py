@@ -168,9 +168,13 @@ def _given_spec(path: str | Path, spec: DetectorSpec | dict) -> DetectorSpec:
 
 
 def _build(path: str | Path, spec: DetectorSpec) -> Detector:
-    """build_detector, with an unknown family, backbone or assigner named against the file."""
+    """build_detector, with an unknown family, backbone or assigner named against the file.
+
+    The trunk's initial weights are not read: the file's weights replace them (and the spec's
+    ``backbone_weights`` file may be on another machine).
+    """
     try:
-        return build_detector(spec)
+        return build_detector(spec, read_backbone_weights=False)
     except (KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise DetkdError(f"{path}: cannot build the detector it needs ({reason})") from None
