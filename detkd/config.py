@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detkd.data.defaults import BATCH_SIZE, INPUT_SIZE
 from detkd.distill.balance import DEFAULT_MEASURE, DEFAULT_RATIO, DEFAULT_STEPS, WEIGHT_RULES
@@ -73,6 +73,11 @@ class ModelConfig(_Section):
     nms_thresh: float = Field(MODEL.nms_thresh, ge=0.0, le=1.0)
     detections_per_img: int = Field(MODEL.detections_per_img, ge=1)
     checkpoint: str | None = None  # initial weights (detkd or torchvision state dict)
+    # Initial trunk weights: a local torchvision classification state dict or detection checkpoint.
+    backbone_weights: Name | None = MODEL.backbone_weights
+    # Trunk stages that train, from the top (torchvision's count); with backbone_weights only.
+    # null: torchvision's 3 with backbone_weights, all without. Frozen stages get FrozenBatchNorm2d.
+    trainable_layers: int | None = Field(MODEL.trainable_layers, ge=0)
 
     # The registry is imported when a recipe is validated, not when this module is: it needs torchvision.
     @field_validator("family")
@@ -93,6 +98,21 @@ class ModelConfig(_Section):
             raise ValueError(f"unknown assigner {v!r}; available: {', '.join(all_assigners())}")
         return v
 
+    @model_validator(mode="after")
+    def _pretrained_trunk(self) -> ModelConfig:
+        if self.backbone_weights is not None and self.checkpoint is not None:
+            raise ValueError("model.checkpoint and model.backbone_weights: give one (a checkpoint replaces the trunk)")
+        if self.trainable_layers is None:
+            return self
+        if self.backbone_weights is None:
+            raise ValueError("model.trainable_layers applies to a pretrained trunk: give model.backbone_weights too")
+        from detkd.models.backbones import BACKBONES, max_trainable_layers
+
+        if self.backbone in BACKBONES and self.trainable_layers > max_trainable_layers(self.backbone):
+            top = max_trainable_layers(self.backbone)
+            raise ValueError(f"model.trainable_layers: {self.backbone} has {top} stages (0..{top})")
+        return self
+
 
 class TrainConfig(_Section):
     epochs: int = Field(TRAIN.epochs, ge=1)
@@ -100,6 +120,8 @@ class TrainConfig(_Section):
     lr: float = Field(TRAIN.lr, gt=0)
     momentum: float = Field(TRAIN.momentum, ge=0.0, lt=1.0)
     weight_decay: float = Field(TRAIN.weight_decay, ge=0.0)
+    # Learning rate of the backbone trunk relative to train.lr (a pretrained trunk: e.g. 0.1).
+    backbone_lr_mult: float = Field(TRAIN.backbone_lr_mult, gt=0.0)
     schedule: Literal["cosine", "step", "constant"] = TRAIN.schedule
     # Epochs, for the step schedule.
     milestones: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(TRAIN.milestones))

@@ -13,6 +13,7 @@ class TrainDefaults:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0  # trunk lr / lr; 1.0: one rate for all (from scratch)
     schedule: str = "cosine"
     milestones: tuple[int, ...] = (8, 11)  # epochs, for the step schedule
     gamma: float = 0.1

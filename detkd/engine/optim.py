@@ -8,18 +8,42 @@ import torch
 from torch import nn
 
 SCHEDULES = ("cosine", "step", "constant")
+TRUNK = ".backbone.body."  # in the name of every backbone-trunk parameter of a torchvision detector
 
 
 def build_optimizer(
-    module: nn.Module, *, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4
+    module: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    backbone_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """No weight decay on norms and biases (standard for detectors trained from scratch)."""
-    decay, no_decay = [], []
+    """No weight decay on norms and biases (standard for detectors trained from scratch).
+
+    Groups: decayed, not decayed; with ``backbone_lr_mult`` != 1 two more at ``lr * backbone_lr_mult``
+    holding the backbone trunk's parameters (those named ``...backbone.body...``, torchvision's
+    name for it), decayed and not: a pretrained trunk is fine-tuned gently while the FPN and heads
+    learn at ``lr``. At 1.0 the groups are the two they always were. Schedules scale every group alike.
+    """
+    split = backbone_lr_mult != 1.0
+    decay, no_decay, trunk_decay, trunk_no_decay = [], [], [], []
     for pname, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or pname.endswith(".bias") else decay).append(p)
+        decayed = not (p.ndim <= 1 or pname.endswith(".bias"))
+        if split and TRUNK in f".{pname}":
+            (trunk_decay if decayed else trunk_no_decay).append(p)
+        else:
+            (decay if decayed else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if split:  # kept even when empty (a frozen trunk): the same groups for every model of a recipe
+        trunk_lr = lr * backbone_lr_mult
+        groups += [
+            {"params": trunk_decay, "weight_decay": weight_decay, "lr": trunk_lr},
+            {"params": trunk_no_decay, "weight_decay": 0.0, "lr": trunk_lr},
+        ]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":

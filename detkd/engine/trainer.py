@@ -59,6 +59,7 @@ class Trainer:
         lr: float = TRAIN.lr,
         momentum: float = TRAIN.momentum,
         weight_decay: float = TRAIN.weight_decay,
+        backbone_lr_mult: float = TRAIN.backbone_lr_mult,
         schedule: str = TRAIN.schedule,
         milestones: list[int] | tuple[int, ...] = TRAIN.milestones,
         gamma: float = TRAIN.gamma,
@@ -99,7 +100,14 @@ class Trainer:
         self.world_size = world_size
         self.run_info = dict(run_info or {})
         self.step_hook = step_hook
-        self.optimizer = build_optimizer(task, name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.optimizer = build_optimizer(
+            task,
+            name=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            backbone_lr_mult=backbone_lr_mult,
+        )
         self.scheduler = build_scheduler(
             self.optimizer,
             schedule=schedule,

@@ -1,16 +1,20 @@
 """Build a detector from its spec; the family registration (``detkd.models.families``) does the work.
 
-Random initialisation only: nothing is downloaded.
+Random initialisation, then the trunk from ``spec.backbone_weights`` if given (a local file;
+``detkd.models.pretrained``): nothing is downloaded.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+
+from torch import nn
 
 from detkd.models.backbones import BACKBONES
 from detkd.models.defaults import DEFAULTS, TORCHVISION_SIZES
 from detkd.models.detector import Detector
 from detkd.models.families import DETECTORS, DetectorFamily, all_assigners
+from detkd.models.pretrained import load_backbone_weights
 
 __all__ = ["DETECTORS", "DetectorFamily", "DetectorSpec", "build_detector", "torchvision_spec"]
 
@@ -28,6 +32,10 @@ class DetectorSpec:
     towers (torchvision uses 4). ``assigner`` picks how RetinaNet labels anchors: "iou"
     (torchvision's matcher: IoU >= 0.5 positive, < 0.4 negative) or "atss" (per-object adaptive
     IoU threshold, see ``detkd.models.assigners``); each family's registration lists the ones it takes.
+    ``backbone_weights`` is a local file the trunk starts from (torchvision classification weights or
+    a detection checkpoint's ``backbone.body``); the build records its ``backbone_weights_sha256``.
+    ``trainable_layers`` counts the trunk stages that train, from the top (torchvision's count; with
+    weights only; None: 3 with weights, all without); frozen stages get FrozenBatchNorm2d.
     """
 
     # Pickled by old checkpoints as detkd.models.builders.DetectorSpec: it must stay in this module.
@@ -46,6 +54,9 @@ class DetectorSpec:
     detections_per_img: int = DEFAULTS.detections_per_img
     image_mean: list[float] = field(default_factory=lambda: list(DEFAULTS.image_mean))
     image_std: list[float] = field(default_factory=lambda: list(DEFAULTS.image_std))
+    backbone_weights: str | None = DEFAULTS.backbone_weights
+    backbone_weights_sha256: str | None = DEFAULTS.backbone_weights_sha256
+    trainable_layers: int | None = DEFAULTS.trainable_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +76,12 @@ def torchvision_spec(d: dict) -> DetectorSpec:
     return DetectorSpec.from_dict({**TORCHVISION_SIZES, **d})
 
 
-def build_detector(spec: DetectorSpec | dict) -> Detector:
+def build_detector(spec: DetectorSpec | dict, *, read_backbone_weights: bool = True) -> Detector:
+    """The detector ``spec`` describes; its trunk from ``spec.backbone_weights`` when given.
+
+    ``read_backbone_weights=False`` builds the architecture only (frozen stages included): for a
+    checkpoint's weights, which replace the trunk's, the file need not be there.
+    """
     if isinstance(spec, dict):
         spec = DetectorSpec.from_dict(spec)
     if spec.backbone not in BACKBONES:
@@ -73,7 +89,22 @@ def build_detector(spec: DetectorSpec | dict) -> Detector:
     family = DETECTORS.get(spec.family)
     _check_assigner(spec, family)
     model = family.build(spec)
+    if spec.backbone_weights is not None and read_backbone_weights:
+        sha256 = load_backbone_weights(
+            _trunk(model, spec),
+            spec.backbone_weights,
+            backbone=spec.backbone,
+            expected_sha256=spec.backbone_weights_sha256,
+        )
+        spec = replace(spec, backbone_weights_sha256=sha256)  # the checkpoint says what the run started from
     return Detector(model, spec=spec.to_dict(), image_mean=spec.image_mean, image_std=spec.image_std)
+
+
+def _trunk(model: nn.Module, spec: DetectorSpec) -> nn.Module:
+    body = getattr(getattr(model, "backbone", None), "body", None)
+    if body is None:
+        raise ValueError(f"backbone_weights: the {spec.family} family's model has no backbone.body to load them into")
+    return body
 
 
 def _check_assigner(spec: DetectorSpec, family: DetectorFamily) -> None:

@@ -8,10 +8,8 @@ spec was stored as a dict carry). Anything else is refused naming the file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from torch import nn
 from detkd.errors import DetkdError
 from detkd.models.builders import DetectorSpec, build_detector, torchvision_spec
 from detkd.models.detector import Detector
+from detkd.models.files import file_sha256, refusal  # noqa: F401  (file_sha256 re-exported: runs and the store use it)
 
 FORMAT = "detkd-detector"
 VERSION = 1
@@ -119,7 +118,7 @@ def read_checkpoint(path: str | Path) -> dict:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
-            raise DetkdError(f"{path}: {_refusal(str(exc))}") from None
+            raise DetkdError(f"{path}: {refusal(str(exc))}") from None
         raise DetkdError(f"{path}: cannot read checkpoint (UnpicklingError: {exc})") from None
     except Exception as exc:  # torch raises many types for a corrupt file
         raise DetkdError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
@@ -128,20 +127,6 @@ def read_checkpoint(path: str | Path) -> dict:
     if isinstance(payload.get("spec"), DetectorSpec):  # an old detkd checkpoint
         payload["spec"] = payload["spec"].to_dict()
     return payload
-
-
-def _refusal(message: str) -> str:
-    """torch's weights-only error, said in one line: what was found and why it is refused."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-    if found:
-        what = f"a reference to {found.group(1)}"
-    else:
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-        what = f"pickle data that is not plain ({detail.group(1).strip() if detail else 'unsupported'})"
-    return (
-        f"refusing to unpickle arbitrary objects: the file holds {what}, not only tensors and plain data "
-        "(loading it could run code; detkd loads weights only)"
-    )
 
 
 def load_detector(path: str | Path, *, spec: DetectorSpec | dict | None = None) -> tuple[Detector, dict]:
@@ -183,9 +168,13 @@ def _given_spec(path: str | Path, spec: DetectorSpec | dict) -> DetectorSpec:
 
 
 def _build(path: str | Path, spec: DetectorSpec) -> Detector:
-    """build_detector, with an unknown family, backbone or assigner named against the file."""
+    """build_detector, with an unknown family, backbone or assigner named against the file.
+
+    The trunk's initial weights are not read: the file's weights replace them (and the spec's
+    ``backbone_weights`` file may be on another machine).
+    """
     try:
-        return build_detector(spec)
+        return build_detector(spec, read_backbone_weights=False)
     except (KeyError, ValueError) as exc:
         reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise DetkdError(f"{path}: cannot build the detector it needs ({reason})") from None
@@ -248,11 +237,3 @@ def _check_same_architecture(path: str | Path, wanted: DetectorSpec, found: Dete
     diff = [d for d, k in zip(diff, keys, strict=True) if getattr(found, k) != getattr(wanted, k)]
     if diff:
         raise DetkdError(f"{path}: checkpoint is another architecture ({'; '.join(diff)})")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

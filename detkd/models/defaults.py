@@ -27,6 +27,9 @@ class SpecDefaults:
     detections_per_img: int = 100
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # ImageNet statistics
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    backbone_weights: str | None = None  # None: a randomly initialised trunk (from scratch)
+    backbone_weights_sha256: str | None = None  # recorded by the build, not a recipe key
+    trainable_layers: int | None = None  # None: all from scratch, torchvision's 3 with backbone_weights
 
 
 DEFAULTS = SpecDefaults()

@@ -158,6 +158,7 @@ def make_trainer(
         lr=t.lr,
         momentum=t.momentum,
         weight_decay=t.weight_decay,
+        backbone_lr_mult=t.backbone_lr_mult,
         schedule=t.schedule,
         milestones=t.milestones,
         gamma=t.gamma,

@@ -137,3 +137,40 @@ def test_optimizer_groups_and_names():
     assert isinstance(build_optimizer(model, name="adamw", lr=BASE_LR), torch.optim.AdamW)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         build_optimizer(model, name="adam", lr=BASE_LR)
+
+
+class _Detector(nn.Module):
+    """Parameter names as in a torchvision detector: ``backbone.body`` (the trunk), ``backbone.fpn``, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        self.backbone.fpn = nn.Conv2d(2, 2, 1)
+        self.head = nn.Linear(2, 2)
+
+
+def test_backbone_lr_mult_gives_the_trunk_its_own_groups():
+    model = _Detector()
+    body, fpn, head = model.backbone.body, model.backbone.fpn, model.head
+    body[1].bias.requires_grad_(False)  # frozen: left out of every group
+    opt = build_optimizer(model, name="sgd", lr=BASE_LR, weight_decay=5e-4, backbone_lr_mult=0.1)
+    decay, no_decay, trunk_decay, trunk_no_decay = opt.param_groups
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    assert ids(decay) == {id(fpn.weight), id(head.weight)}
+    assert ids(no_decay) == {id(fpn.bias), id(head.bias)}
+    assert ids(trunk_decay) == {id(body[0].weight)}
+    assert ids(trunk_no_decay) == {id(body[0].bias), id(body[1].weight)}
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0, 5e-4, 0.0]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([BASE_LR, BASE_LR, 0.01, 0.01], rel=1e-12)
+
+    # The schedule scales every group alike: cosine at iteration 4 of 12 is 0.75 (cos(pi/3) = 1/2).
+    sched = build_scheduler(opt, schedule="cosine", iters_per_epoch=4, epochs=3)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.075, 0.075, 0.0075, 0.0075], rel=1e-12)
+
+    # 1.0 (the default): the two groups there always were, the trunk in them.
+    plain = build_optimizer(model, name="sgd", lr=BASE_LR, backbone_lr_mult=1.0)
+    assert len(plain.param_groups) == 2 and id(body[0].weight) in ids(plain.param_groups[0])

@@ -1,4 +1,4 @@
-"""MobileNetV3 + FPN under every detector family: builds, runs, and gives the family's levels."""
+"""MobileNetV2 and V3 + FPN under every detector family: builds, runs, and gives the family's levels."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def _batch() -> tuple[torch.Tensor, list[tuple[int, int]], list[dict[str, torch.
     return images, [(128, 128), (96, 128)], targets
 
 
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "mobilenet_v3"])
 @pytest.mark.parametrize("family", DETECTORS.names())
-def test_mobilenet_v3_detector_builds_and_runs(family: str):
+def test_mobilenet_detector_builds_and_runs(family: str, backbone: str):
     torch.manual_seed(0)
-    spec = DetectorSpec(family=family, backbone="mobilenet_v3", num_classes=2, fpn_channels=FPN, head_convs=1)
+    spec = DetectorSpec(family=family, backbone=backbone, num_classes=2, fpn_channels=FPN, head_convs=1)
     det = build_detector(spec)
     expected = ["p2", "p3", "p4", "p5", "p6"] if family == "fasterrcnn" else ["p3", "p4", "p5", "p6", "p7"]
     assert det.levels == expected == DETECTORS.get(family).levels()
@@ -47,13 +48,21 @@ def test_mobilenet_v3_detector_builds_and_runs(family: str):
     assert len(detections) == 2 and all(set(d) >= {"boxes", "scores", "labels"} for d in detections)
 
 
-def test_mobilenet_v3_stages_feed_the_fpn_at_strides_4_to_32():
-    backbone = build_fpn_backbone("mobilenet_v3", fpn_channels=FPN, extra="pool", returned_layers=[1, 2, 3, 4])
+@pytest.mark.parametrize(
+    ("name", "blocks", "channels"),
+    [
+        ("mobilenet_v3", ["3", "6", "12", "16"], [24, 40, 112, 960]),
+        ("mobilenet_v2", ["3", "6", "13", "18"], [24, 32, 96, 1280]),
+    ],
+)
+def test_mobilenet_stages_feed_the_fpn_at_strides_4_to_32(name: str, blocks: list[str], channels: list[int]):
+    backbone = build_fpn_backbone(name, fpn_channels=FPN, extra="pool", returned_layers=[1, 2, 3, 4])
     backbone.eval()
     with torch.no_grad():
         feats = backbone(torch.zeros(1, 3, 128, 128))
     assert [128 // f.shape[-1] for f in feats.values()] == [4, 8, 16, 32, 64]  # + the pooled P6
-    assert backbone.fpn.inner_blocks[0][0].in_channels == 24 and backbone.fpn.inner_blocks[-1][0].in_channels == 960
+    assert list(backbone.body.return_layers) == blocks  # the last block of each stride
+    assert [b[0].in_channels for b in backbone.fpn.inner_blocks] == channels
 
 
 def test_unknown_backbone_and_extra_block_are_named():

@@ -32,6 +32,8 @@ OLD_DEFAULT_SPEC = {
     "image_mean": [0.485, 0.456, 0.406],
     "image_std": [0.229, 0.224, 0.225],
 }
+# Fields added since (a pretrained trunk); an old spec reads them as None: a trunk trained from scratch.
+LATER_FIELDS = dict.fromkeys(("backbone_weights", "backbone_weights_sha256", "trainable_layers"))
 
 
 def _spec(family: str = "fcos", **kw) -> DetectorSpec:
@@ -128,11 +130,11 @@ def test_old_checkpoint_spec_is_used_as_stored_not_the_defaults(tmp_path: Path):
     path = tmp_path / "old.pt"
     save_checkpoint(path, original, class_names=["a", "b"])
     detector, payload = load_detector(path)
-    assert payload["spec"] == stored == detector.spec
+    assert payload["spec"] == {**stored, **LATER_FIELDS} == detector.spec
     assert detector.model.roi_heads.box_head.fc7.out_features == 48
     _assert_loaded(detector, original.model.state_dict())
-    # A spec holding every field, as every old checkpoint does, round-trips unchanged.
-    assert DetectorSpec.from_dict(OLD_DEFAULT_SPEC).to_dict() == OLD_DEFAULT_SPEC
+    # A spec holding every field, as every old checkpoint does, round-trips unchanged (plus the later fields).
+    assert DetectorSpec.from_dict(OLD_DEFAULT_SPEC).to_dict() == {**OLD_DEFAULT_SPEC, **LATER_FIELDS}
 
 
 def test_a_partial_dict_spec_keeps_torchvision_sizes():
@@ -140,7 +142,7 @@ def test_a_partial_dict_spec_keeps_torchvision_sizes():
     spec = torchvision_spec({"family": "fasterrcnn", "num_classes": 90})
     sizes = {k: getattr(spec, k) for k in TORCHVISION_SIZES}
     assert sizes == {"fpn_channels": 256, "head_convs": 4, "box_head_dim": 1024}
-    assert spec.to_dict() == {**OLD_DEFAULT_SPEC, "family": "fasterrcnn", "num_classes": 90}
+    assert spec.to_dict() == {**OLD_DEFAULT_SPEC, **LATER_FIELDS, "family": "fasterrcnn", "num_classes": 90}
     assert torchvision_spec({"fpn_channels": 16}).fpn_channels == 16  # what the dict says wins
     with pytest.raises(ValueError, match="unknown detector spec keys"):
         torchvision_spec({"fpn": 16})

@@ -123,7 +123,8 @@ def test_detector_spec_and_recipe_share_every_default():
     recipe.pop("checkpoint")  # the recipe's own: where initial weights come from
     shared = {k: spec[k] for k in recipe}
     assert recipe == shared
-    assert set(spec) - set(recipe) == {"num_classes", "image_mean", "image_std"}  # set from the data, not a recipe
+    # Set from the data, and the weights' sha256 recorded by the build: not recipe keys.
+    assert set(spec) - set(recipe) == {"num_classes", "image_mean", "image_std", "backbone_weights_sha256"}
     table = dataclasses.asdict(DEFAULTS)
     assert spec == {k: list(v) if isinstance(v, tuple) else v for k, v in table.items()}
     # The recipe's values: every recipe and run so far used them.

@@ -17,6 +17,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 
 from detkd.models.backbones import EXTRA_LEVELS, build_fpn_backbone
+from detkd.models.pretrained import trainable_layers
 from detkd.registry import Registry
 
 if TYPE_CHECKING:  # builders imports this module; the spec is only a type here
@@ -40,7 +41,8 @@ class DetectorFamily:
     assigners: ClassVar[tuple[str, ...]] = ("iou",)  # anchor labellings (spec.assigner) the family accepts
 
     def build(self, spec: DetectorSpec) -> nn.Module:
-        """The torchvision model, randomly initialised (``spec.num_classes`` + background)."""
+        """The torchvision model, randomly initialised (``spec.num_classes`` + background); the trunk's
+        frozen stages as the spec says (``backbone``). The build loads ``spec.backbone_weights`` afterwards."""
         raise NotImplementedError
 
     def losses(
@@ -60,6 +62,7 @@ class DetectorFamily:
             fpn_channels=spec.fpn_channels,
             extra=self.fpn_extra,
             returned_layers=list(self.returned_layers),
+            trainable_layers=trainable_layers(spec),
         )
 
     def anchor_size(self, spec: DetectorSpec) -> int:
