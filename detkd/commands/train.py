@@ -29,7 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--visualize", type=int, default=0, metavar="N", help="also write PNGs of the first N images' predictions"
     )
-    e.add_argument("--compare", default=None, help="with --visualize: a second checkpoint's panel (e.g. the teacher)")
+    e.add_argument(
+        "--compare",
+        default=None,
+        help="with --visualize: a second checkpoint's panel, e.g. the teacher (default: none)",
+    )
     e.add_argument("--vis-dir", default=None, help="with --visualize: folder (default: CHECKPOINT with suffix .vis)")
     e.add_argument("--vis-score", type=float, default=0.3, help="with --visualize: lowest score drawn")
     e.set_defaults(func=run_eval)

@@ -4,8 +4,8 @@ Everything below (``distill``, ``store``, ``engine``, ``knowledge``, ``models``,
 together only in this package; the CLI (``commands``), the Python API and the benchmarks call it.
 """
 
-from detkd.runs.distill import distill
-from detkd.runs.evaluate import checkpoint_size, evaluate_checkpoint, visualize_checkpoint
-from detkd.runs.train import train
+from detkd.runs.distillation import distill
+from detkd.runs.evaluation import checkpoint_size, evaluate_checkpoint, visualize_checkpoint
+from detkd.runs.training import train
 
 __all__ = ["checkpoint_size", "distill", "evaluate_checkpoint", "train", "visualize_checkpoint"]

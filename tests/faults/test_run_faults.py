@@ -16,7 +16,7 @@ from detkd.engine.run_log import read_metrics
 from detkd.engine.teacher_ap import WEAK_TEACHER_AP, warn_if_weak_teacher
 from detkd.engine.trainer import Trainer
 from detkd.models.builders import DetectorSpec, build_detector
-from detkd.runs.distill import check_teacher
+from detkd.runs.distillation import check_teacher
 from detkd.runs.setup import load_data
 
 

@@ -378,7 +378,7 @@ def test_the_online_path_warns_in_the_same_words(tmp_path, monkeypatch, caplog):
     from types import SimpleNamespace
 
     from detkd.config import load_recipe
-    from detkd.distill import run
+    from detkd.runs import distillation as run
 
     monkeypatch.setattr(run, "measure_teacher_ap", lambda *a, **k: (0.001, 0.002))
     recipe = load_recipe(
