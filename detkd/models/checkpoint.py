@@ -94,11 +94,18 @@ def _disk_full(directory: Path) -> bool:
         return False
 
 
-def check_classes(payload: dict, data_classes: list[str], *, path: str | Path, role: str = "checkpoint") -> None:
+def check_classes(
+    payload: dict,
+    data_classes: list[str],
+    *,
+    path: str | Path,
+    role: str = "checkpoint",
+    error: type[DetkdError] = DetkdError,
+) -> None:
     """Refuse a checkpoint whose recorded class names differ from the data's (labels would be mismatched)."""
     names = payload.get("class_names")
     if names and list(names) != list(data_classes):
-        raise DetkdError(f"{path}: {role} classes {names} differ from the data's {list(data_classes)}")
+        raise error(f"{path}: {role} classes {names} differ from the data's {list(data_classes)}")
 
 
 def training_sizes(payload: dict) -> list[int] | None:

@@ -199,7 +199,7 @@ def _build_locked(
 ) -> Manifest:
     teacher, payload = load_detector(teacher_checkpoint)
     teacher.eval().requires_grad_(False).to(device)
-    check_classes(payload, source.class_names, path=teacher_checkpoint, role="teacher")
+    check_classes(payload, source.class_names, path=teacher_checkpoint, role="teacher", error=StoreError)
     top_k = policy.top_k if isinstance(policy.top_k, dict) else {}
     unknown = sorted((set(policy.per_level) | set(top_k)) - set(teacher.levels))
     if unknown:
