@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch import nn
 from detkd.errors import DetkdError
 from detkd.models.builders import DetectorSpec, build_detector, torchvision_spec
 from detkd.models.detector import Detector
-from detkd.models.files import file_sha256, refusal  # noqa: F401  (file_sha256 re-exported: runs and the store use it)
+from detkd.models.files import file_sha256, load_weights_only  # noqa: F401  (file_sha256 re-exported: runs and the store use it)
 
 FORMAT = "detkd-detector"
 VERSION = 1
@@ -120,17 +119,7 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DetkdError(f"{path}: checkpoint file not found")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise DetkdError(f"{path}: {refusal(str(exc))}") from None
-        raise DetkdError(f"{path}: cannot read checkpoint (UnpicklingError: {exc})") from None
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise DetkdError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict):
-        raise DetkdError(f"{path}: not a checkpoint (got {type(payload).__name__})")
+    payload = load_weights_only(path, what="checkpoint", safe_globals=SAFE_GLOBALS)
     if isinstance(payload.get("spec"), DetectorSpec):  # an old detkd checkpoint
         payload["spec"] = payload["spec"].to_dict()
     return payload

