@@ -8,6 +8,7 @@ never read these. Import-light on purpose (no torch): ``detkd.config`` imports i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,25 @@ DEFAULTS = SpecDefaults()
 # such a file (``load_detector(path, spec={...})``, e.g. the recipe's ``distill.teacher_model``),
 # where they were the defaults before this table existed.
 TORCHVISION_SIZES: dict[str, int] = {"fpn_channels": 256, "head_convs": 4, "box_head_dim": 1024}
+
+
+class ModelSpec(Protocol):
+    """What a detector family reads of a spec (``DetectorSpec`` has these fields): lets the families
+    type their ``spec`` without importing the builders that import them."""
+
+    family: str
+    backbone: str
+    num_classes: int
+    fpn_channels: int
+    head_convs: int
+    anchor_size: int | None
+    anchor_scales: int
+    anchor_ratios: list[float]
+    assigner: str
+    box_head_dim: int
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+    backbone_weights: str | None
+    backbone_weights_sha256: str | None
+    trainable_layers: int | None

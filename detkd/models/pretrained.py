@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from detkd.errors import DetkdError
+from detkd.models.defaults import ModelSpec
 from detkd.models.files import file_sha256, load_weights_only
-
-if TYPE_CHECKING:  # builders imports this module; the spec is only a type here
-    from detkd.models.builders import DetectorSpec
 
 # torchvision's default for a pretrained backbone (its detection references): the top 3 stages train.
 PRETRAINED_TRAINABLE_LAYERS = 3
@@ -48,7 +45,7 @@ def mobilenet_v2_imagenet_path() -> Path | None:
     return None
 
 
-def trainable_layers(spec: DetectorSpec) -> int | None:
+def trainable_layers(spec: ModelSpec) -> int | None:
     """The trunk stages that train (``build_fpn_backbone``'s argument): None (all, trainable BatchNorm)
     from scratch; with ``backbone_weights`` the spec's count, torchvision's 3 when it gives none."""
     if spec.backbone_weights is None:

@@ -8,9 +8,10 @@ which, so methods that need whole maps are refused up front on the others (``Kno
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -20,8 +21,15 @@ from detkd.registry import Registry
 from detkd.store.format import LevelRecord
 from detkd.store.peaks import peaks_from_saliency_batch, saliency_map
 
-if TYPE_CHECKING:
-    from detkd.store.select import SelectionPolicy
+
+class PolicySettings(Protocol):
+    """What a selector reads of its ``SelectionPolicy`` (typed here: select.py imports this module)."""
+
+    channel_group: int
+    kernel: int
+    saliency: str
+    threshold: float
+    threshold_mode: str
 
 
 @dataclass
@@ -37,7 +45,7 @@ class LevelBatch:
     detection_cells: Callable[[], list[dict[str, tuple[Tensor, Tensor]]]] = field(repr=False, default=list)
 
 
-class Selector:
+class Selector(ABC):
     """Base class: subclasses set the class attributes and implement ``select``."""
 
     name: ClassVar[str] = "base"
@@ -45,8 +53,9 @@ class Selector:
     needs_detections: ClassVar[bool] = False  # the teacher's post-NMS detections must be computed
     default_value_dtype: ClassVar[str] = "int4"  # when the policy leaves value_dtype unset
 
-    def select(self, batch: LevelBatch, policy: SelectionPolicy) -> list[LevelRecord]:
-        raise NotImplementedError
+    @abstractmethod
+    def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
+        """One record per image of ``batch``: its cells or its whole (valid) map on ``batch.level``."""
 
 
 SELECTORS: Registry[type[Selector]] = Registry("store selection policy")
@@ -83,7 +92,7 @@ class DenseSelector(Selector):
     serves_maps = True
     default_value_dtype = "float16"
 
-    def select(self, batch: LevelBatch, policy: SelectionPolicy) -> list[LevelRecord]:
+    def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
         out = []
         for i, (vh, vw) in enumerate(batch.valid):
             dense = channel_group_max(batch.features[i, :, :vh, :vw], policy.channel_group, dim=0)
@@ -95,7 +104,7 @@ class DenseSelector(Selector):
 class PeakSelector(Selector):
     """NMS-KSD: the peaks of a channel-max saliency map, kept by NMS over ``kernel`` x ``kernel`` windows."""
 
-    def select(self, batch: LevelBatch, policy: SelectionPolicy) -> list[LevelRecord]:
+    def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
         picks = peaks_from_saliency_batch(
             saliency_map(batch.features, policy.saliency),
             kernel=policy.kernel,
@@ -113,6 +122,6 @@ class DetectionSelector(Selector):
 
     needs_detections = True
 
-    def select(self, batch: LevelBatch, policy: SelectionPolicy) -> list[LevelRecord]:
+    def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
         picks = [cells[batch.level] for cells in batch.detection_cells()]
         return cell_records(batch, picks, policy.channel_group)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 from torch import Tensor, nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 
 from detkd.models.backbones import EXTRA_LEVELS, build_fpn_backbone
+from detkd.models.defaults import ModelSpec
 from detkd.models.pretrained import trainable_layers
 from detkd.registry import Registry
-
-if TYPE_CHECKING:  # builders imports this module; the spec is only a type here
-    from detkd.models.builders import DetectorSpec
 
 Targets = list[dict[str, Tensor]]
 Features = OrderedDict[str, Tensor]  # torchvision-keyed FPN features ("0", "1", ...), finest first
@@ -40,7 +38,7 @@ class DetectorFamily:
     returned_layers: ClassVar[tuple[int, ...]] = (2, 3, 4)  # backbone stages (1..4) fed to the FPN
     assigners: ClassVar[tuple[str, ...]] = ("iou",)  # anchor labellings (spec.assigner) the family accepts
 
-    def build(self, spec: DetectorSpec) -> nn.Module:
+    def build(self, spec: ModelSpec) -> nn.Module:
         """The torchvision model, randomly initialised (``spec.num_classes`` + background); the trunk's
         frozen stages as the spec says (``backbone``). The build loads ``spec.backbone_weights`` afterwards."""
         raise NotImplementedError
@@ -56,7 +54,7 @@ class DetectorFamily:
         raise NotImplementedError
 
     # -- defaults a family may keep ------------------------------------------------------------------
-    def backbone(self, spec: DetectorSpec) -> BackboneWithFPN:
+    def backbone(self, spec: ModelSpec) -> BackboneWithFPN:
         return build_fpn_backbone(
             spec.backbone,
             fpn_channels=spec.fpn_channels,
@@ -65,7 +63,7 @@ class DetectorFamily:
             trainable_layers=trainable_layers(spec),
         )
 
-    def anchor_size(self, spec: DetectorSpec) -> int:
+    def anchor_size(self, spec: ModelSpec) -> int:
         return spec.anchor_size or self.default_anchor_size
 
     def levels(self) -> list[str]:

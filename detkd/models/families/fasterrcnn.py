@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -11,10 +9,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
+from detkd.models.defaults import ModelSpec
 from detkd.models.families.base import DetectorFamily, Features, Targets, register_family
-
-if TYPE_CHECKING:
-    from detkd.models.builders import DetectorSpec
 
 
 @register_family("fasterrcnn")
@@ -24,7 +20,7 @@ class FasterRCNNFamily(DetectorFamily):
     fpn_extra = "pool"
     returned_layers = (1, 2, 3, 4)
 
-    def build(self, spec: DetectorSpec) -> FasterRCNN:
+    def build(self, spec: ModelSpec) -> FasterRCNN:
         backbone = self.backbone(spec)
         base = self.anchor_size(spec)
         anchors = AnchorGenerator(tuple((base * 2**i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5)

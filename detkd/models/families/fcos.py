@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
 
+from detkd.models.defaults import ModelSpec
 from detkd.models.families.base import DenseFamily, Targets, conv_tower, register_family
-
-if TYPE_CHECKING:
-    from detkd.models.builders import DetectorSpec
 
 
 @register_family("fcos")
@@ -20,7 +16,7 @@ class FCOSFamily(DenseFamily):
     model_types = (FCOS,)
     default_anchor_size = 8  # torchvision's size-range base
 
-    def build(self, spec: DetectorSpec) -> FCOS:
+    def build(self, spec: ModelSpec) -> FCOS:
         backbone = self.backbone(spec)
         base = self.anchor_size(spec)
         anchors = AnchorGenerator(tuple((base * 2**i,) for i in range(5)), ((1.0,),) * 5)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from detkd.models.assigners import ATSSRetinaNet
+from detkd.models.defaults import ModelSpec
 from detkd.models.families.base import DenseFamily, group_norm, register_family
-
-if TYPE_CHECKING:
-    from detkd.models.builders import DetectorSpec
 
 
 @register_family("retinanet")
@@ -22,7 +18,7 @@ class RetinaNetFamily(DenseFamily):
     default_anchor_size = 32  # torchvision's
     assigners = ("iou", "atss")
 
-    def build(self, spec: DetectorSpec) -> RetinaNet:
+    def build(self, spec: ModelSpec) -> RetinaNet:
         backbone = self.backbone(spec)
         base = self.anchor_size(spec)
         scales = tuple(2 ** (i / spec.anchor_scales) for i in range(spec.anchor_scales))
