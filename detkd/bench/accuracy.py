@@ -101,11 +101,23 @@ def format_table(table: list[dict], *, teacher_ap: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def stores_by_method(store: str | dict[str, str] | None) -> dict[str, str]:
+    """``--store`` as {method name or "*": store directory}: one store for every method, or per method."""
+    if store is None:
+        return {}
+    return {"*": store} if isinstance(store, str) else dict(store)
+
+
+def store_for(spec: str, stores: dict[str, str]) -> str | None:
+    name = spec.partition(":")[0]
+    return stores.get(name, stores.get("*"))
+
+
 def run_accuracy(
     *,
     recipe: str,
     teacher: str,
-    store: str | None,
+    store: str | dict[str, str] | None,
     methods: list[str],
     seeds: list[int],
     out_dir: str | Path,
@@ -113,26 +125,28 @@ def run_accuracy(
     selected: bool = False,
     json_path: str | Path | None = None,
 ) -> list[dict]:
-    """``selected`` adds "M (selected online)" rows: the store's selection applied to the live
-    teacher, i.e. the stored loss without the store (tells selection from storage effects)."""
+    """``store``: one store directory for every method's stored row, or {method or "*": directory}
+    (e.g. GKD from a store with importance maps). ``selected`` adds "M (selected online)" rows: the
+    store's selection applied to the live teacher, i.e. the stored loss without the store (tells
+    selection from storage effects)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # a typo fails now, not after the student's run
         method_entry(m)
     rows = [Row("student", None, None)]
     rows += [Row(f"{m} (online)", m, teacher) for m in methods]
-    if store:
-        rows += [Row(f"{m} (stored)", m, store, kind="stored") for m in methods]
+    stores = stores_by_method(store)
+    rows += [Row(f"{m} (stored)", m, store_for(m, stores), kind="stored") for m in methods if store_for(m, stores)]
     if selected:
-        if not store:
+        if not stores:
             raise ValueError("selected rows take the selection policy of a store: give --store")
         from detkd.store.reader import StoreReader
 
-        policy = json.dumps(StoreReader(store).policy.to_dict())
-        rows += [
-            Row(f"{m} (selected online)", m, teacher, (f"distill.online_selection={policy}",), kind="selected online")
-            for m in methods
-        ]
+        for m in methods:
+            if store_for(m, stores):
+                policy = json.dumps(StoreReader(store_for(m, stores)).policy.to_dict())
+                overrides = (f"distill.online_selection={policy}",)
+                rows.append(Row(f"{m} (selected online)", m, teacher, overrides, kind="selected online"))
     results: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: a partial benchmark already has every row once
         for row in rows:
@@ -152,13 +166,22 @@ def run_accuracy(
 
 
 def accuracy_payload(
-    rows: list[Row], results: dict[str, list[dict]], *, recipe: str, teacher: str, store: str | None, seeds: list[int]
+    rows: list[Row],
+    results: dict[str, list[dict]],
+    *,
+    recipe: str,
+    teacher: str,
+    store: str | dict[str, str] | None,
+    seeds: list[int],
 ) -> dict:
     """The committed-results schema: provenance, ``student`` and ``methods.<spec>`` (plus ``stored`` /
     ``selected`` groups when run), each ``{"ap": [AP x100 per seed], "mean", "spread", ...}``.
 
     ``beats_student``: the mean exceeds the student's mean by more than the student's spread
-    (the project's rule for claiming a gain).
+    (the project's rule for claiming a gain). A stored entry also names its store's size (``store``:
+    bytes per view, ratio to dense fp16 maps, projected COCO-scale bytes) and ``vs_online``; with both
+    groups, ``best`` compares the best stored method with the best online one (``within_spread``: the
+    gap is at most the larger of their two seed spreads).
     """
     from detkd.models.checkpoint import read_checkpoint
 
@@ -183,8 +206,52 @@ def accuracy_payload(
             weights=[r.get("distill_weights") for r in runs],
             errors=[r["error"] for r in runs if "error" in r],
         )
+        if row.kind == "stored":
+            entry["store"] = store_summary(row.teacher)
+            online = payload.get("methods", {}).get(row.method, {}).get("mean")
+            entry["vs_online"] = None if online is None or entry["mean"] is None else round(entry["mean"] - online, 2)
         payload.setdefault(KINDS[row.kind], {})[row.method] = entry
+    if payload.get("stored") and payload.get("methods"):
+        payload["best"] = best_comparison(payload["methods"], payload["stored"])
     return payload
+
+
+def store_summary(path: str) -> dict:
+    """What a results file records of a store: its policy, encoding and size (measured and projected)."""
+    from detkd.store.verify import store_info
+
+    info = store_info(path)
+    return {
+        "path": str(path),
+        "policy": info["policy"].get("name"),
+        "value_dtype": info["policy"].get("value_dtype"),
+        "encoding": info["encoding"] or None,
+        "importance": bool(info["preprocessing"].get("importance")),
+        "bytes_per_view": round(info["bytes_per_image_view"], 1),
+        "dense_fp16_bytes_per_view": info["dense_fp16_bytes_per_view"],
+        "ratio_to_dense": round(info["ratio_to_dense"], 5),
+        "projected_coco_bytes_per_view": info["projected_coco"]["bytes_per_view"],
+    }
+
+
+def best_comparison(online: dict, stored: dict) -> dict:
+    """The best stored method against the best online one, by mean AP."""
+
+    def best(group: dict) -> tuple[str, dict] | None:
+        scored = [(k, e) for k, e in group.items() if e.get("mean") is not None]
+        return max(scored, key=lambda item: item[1]["mean"]) if scored else None
+
+    b_on, b_st = best(online), best(stored)
+    if b_on is None or b_st is None:
+        return {}
+    gap = round(b_on[1]["mean"] - b_st[1]["mean"], 2)
+    allowed = max(b_on[1]["spread"] or 0.0, b_st[1]["spread"] or 0.0)
+    return {
+        "online": {"method": b_on[0], "mean": b_on[1]["mean"], "spread": b_on[1]["spread"]},
+        "stored": {"method": b_st[0], "mean": b_st[1]["mean"], "spread": b_st[1]["spread"]},
+        "gap": gap,
+        "within_spread": gap <= allowed,
+    }
 
 
 def _mean_of(runs: list[dict], key: str) -> float | None:

@@ -41,8 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
     a.add_argument(
         "--store",
+        nargs="+",
         default=None,
-        help="knowledge store (adds stored rows for sparse-capable methods; default: no stored rows)",
+        metavar="[METHOD=]STORE",
+        help="knowledge store(s) adding a stored row per method: one for every method, and/or METHOD=STORE "
+        "for one method (e.g. gkd=stores/with-importance); default: no stored rows",
     )
     a.add_argument(
         "--selected",
@@ -109,10 +112,18 @@ def run_gpu_cmd(args: argparse.Namespace) -> int:
 def run_accuracy_cmd(args: argparse.Namespace) -> int:
     from detkd.bench.accuracy import format_table, run_accuracy
 
+    stores = None
+    if args.store:
+        stores = {}
+        for item in args.store:
+            method, sep, path = item.partition("=")
+            stores[method if sep else "*"] = path if sep else item
+        if list(stores) == ["*"]:
+            stores = stores["*"]
     table = run_accuracy(
         recipe=args.recipe,
         teacher=args.teacher,
-        store=args.store,
+        store=stores,
         methods=args.methods,
         seeds=args.seeds,
         out_dir=args.out,

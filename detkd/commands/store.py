@@ -24,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="training scale(s): longer image side (default: the size(s) the teacher was trained at)",
     )
     b.add_argument(
-        "--policy", default="nms-ksd", help="selection policy: nms-ksd, dense, detections (or a registered selector)"
+        "--policy",
+        default="nms-ksd",
+        help="selection policy: nms-ksd (feature peaks, for fitnet/pkd), lowrank (whole maps as low-rank "
+        "coefficients, for every method), dense, detections (or a registered selector)",
     )
     b.add_argument("--per-level", default="", help="per-level policy overrides, e.g. p6=dense,p7=dense (default: none)")
     b.add_argument(
@@ -38,13 +41,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--kernel", type=int, default=3, help="NMS window (k x k)")
     b.add_argument("--threshold", type=float, default=0.0, help="relative saliency threshold")
-    b.add_argument("--channel-group", type=int, default=4, help="grouped channel max pooling C -> C/r (1 = off)")
+    b.add_argument(
+        "--channel-group",
+        type=int,
+        default=None,
+        help="grouped channel max pooling C -> C/r, 1 = off (default: 4; 1 for lowrank)",
+    )
+    b.add_argument("--rank", type=int, default=16, help="lowrank: coefficients kept per cell (default 16)")
+    b.add_argument(
+        "--fit-views",
+        type=int,
+        default=256,
+        help="lowrank: image views the per-level bases are fitted on (default 256)",
+    )
     b.add_argument(
         "--value-dtype",
         choices=["float16", "int8", "int4"],
         default=None,
-        help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes); "
-        "default int4 for nms-ksd / detections, float16 for dense",
+        help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes; "
+        "lowrank: one scale per coefficient map); default int4, float16 for dense",
     )
     b.add_argument(
         "--views",
@@ -60,7 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--importance",
         action="store_true",
-        help="also store GKD gradient-importance maps (needs --policy dense --channel-group 1)",
+        help="also store GKD gradient-importance maps (needs a whole-map policy, lowrank or dense, channel group 1)",
     )
     b.add_argument(
         "--importance-mode",
@@ -140,6 +155,8 @@ def run_build(args: argparse.Namespace) -> int:
         density=args.density,
         channel_group=args.channel_group,
         value_dtype=args.value_dtype,
+        rank=args.rank,
+        fit_views=args.fit_views,
     )
     source = open_source(args.data, format=args.format, split=args.split)
     sizes = args.size or teacher_sizes(args.teacher)
@@ -225,6 +242,12 @@ def run_info(args: argparse.Namespace) -> int:
         f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "
         f"values {info['policy'].get('value_dtype', 'float16')}  "
         f"per-level {info['policy'].get('per_level') or {}}"
+        + (
+            f"  encoding {info['encoding']['name']} v{info['encoding']['version']} rank {info['encoding']['rank']} "
+            f"(bases fitted on {info['encoding']['fit_views']} views, sha256 {info['encoding']['sha256'][:12]}...)"
+            if info["encoding"]
+            else ""
+        )
     )
     print(f"  views {', '.join(info['views'])}")
     print(
@@ -241,6 +264,12 @@ def run_info(args: argparse.Namespace) -> int:
     print(
         f"  bytes per image-view: {info['bytes_per_image_view']:.0f} stored vs {info['dense_fp16_bytes_per_view']} "
         f"dense fp16 FPN maps = {100 * info['ratio_to_dense']:.2f} %"
+    )
+    coco = info["projected_coco"]
+    print(
+        f"  projected at COCO scale ({coco['image_hw'][1]}x{coco['image_hw'][0]} images, these levels and "
+        f"channels): {coco['bytes_per_view'] / 1024:.1f} KB per image-view vs "
+        f"{coco['dense_fp16_bytes_per_view'] / 2**20:.1f} MB dense fp16 = {100 * coco['ratio_to_dense']:.2f} %"
     )
     pre = info["preprocessing"]
     print(

@@ -72,9 +72,12 @@ class LevelAdapters(nn.ModuleDict):
                 k = "identity" if spec.student_channels == spec.teacher_channels else "conv1x1"
             self[name] = build_adapter(spec.student_channels, spec.teacher_channels, kind=k, init=init)
 
-    def adapt(self, level: str, x: Tensor, *, channel_group: int = 1) -> Tensor:
-        """Dense student map [N, Cs, H, W] -> teacher space [N, Ct / channel_group, H, W]."""
-        return channel_group_max(self[level](x), channel_group)
+    def adapt(self, level: str, x: Tensor, teacher: TeacherKnowledge | None = None) -> Tensor:
+        """Dense student map [N, Cs, H, W] -> teacher space [N, Ct, H, W], in the form ``teacher``'s
+        knowledge has (``TeacherKnowledge.match``: channel-pooled to Ct / channel_group, or projected
+        onto a stored low-rank basis)."""
+        out = self[level](x)
+        return out if teacher is None else teacher.match(level, out)
 
     def adapt_cells(self, level: str, x: Tensor, cells: SparseCells, *, channel_group: int = 1) -> Tensor:
         """Student vectors in teacher space at the cells' positions, [K, Ct / channel_group].

@@ -22,11 +22,12 @@ def check_servable(methods: Mapping[str, DistillMethod], offer: KnowledgeOffer) 
         if sparse and not method.sparse_ok:
             raise ConfigError(
                 f"method {name!r} needs whole teacher feature maps but {offer.describe} keeps sparse cells on "
-                f"levels {sparse}; use a position-wise method (fitnet, pkd), or build a store with --policy dense, "
-                "or distill online"
+                f"levels {sparse}; use a position-wise method (fitnet, pkd), or build a store with --policy lowrank "
+                "(or dense), or distill online"
             )
         if "importance" in method.needs and not offer.importance:
             raise ConfigError(
                 f"method {name!r} needs the teacher's gradient-importance maps but {offer.describe} was built "
-                "without them; build it with --importance --policy dense --channel-group 1, or distill online"
+                "without them; build it with --importance --policy lowrank (or dense --channel-group 1), or "
+                "distill online"
             )

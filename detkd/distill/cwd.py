@@ -64,6 +64,6 @@ class CWD(DistillMethod):
         out: dict[str, Tensor] = {}
         for lvl in self.levels:
             t = teacher_feature(teacher, lvl, method=self.name)
-            s = self.adapters.adapt(lvl, student[lvl], channel_group=teacher.channel_group)
+            s = self.adapters.adapt(lvl, student[lvl], teacher)
             out[f"cwd.{lvl}"] = self.weight * cwd_loss(s, t, self.tau)
         return out

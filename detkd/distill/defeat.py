@@ -103,7 +103,7 @@ class DeFeat(DistillMethod):
         fg_total, bg_total = [], []
         for index, lvl in enumerate(self.order):
             t = teacher_feature(teacher, lvl, method=self.name)
-            s = self.adapters.adapt(lvl, student[lvl], channel_group=teacher.channel_group).float()
+            s = self.adapters.adapt(lvl, student[lvl], teacher).float()
             _, c, h, w = s.shape
             mask = box_masks([b.to(s.device) for b in per_level[index]], self.levels[lvl].stride, h, w)[:, None]
             sq = (s - t).pow(2)

@@ -117,7 +117,7 @@ class FGD(DistillMethod):
         terms = {"fg": [], "bg": [], "att": [], "glob": []}
         for lvl in self.levels:
             t = teacher_feature(teacher, lvl, method=self.name)
-            s = self.adapters.adapt(lvl, student[lvl]).float()
+            s = self.adapters.adapt(lvl, student[lvl], teacher).float()
             for key, value in self._level_losses(lvl, s, t, boxes).items():
                 terms[key].append(value)
         weights = {"fg": self.alpha_fg, "bg": self.beta_bg, "att": self.gamma_att, "glob": self.lambda_glob}

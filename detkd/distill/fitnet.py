@@ -64,7 +64,7 @@ class FitNet(DistillMethod):
                 loss = self._sparse(lvl, student[lvl], teacher_cells(teacher, lvl, method=self.name), r)
             else:
                 t = teacher_feature(teacher, lvl, method=self.name)
-                s = self.adapters.adapt(lvl, student[lvl], channel_group=r).float()
+                s = self.adapters.adapt(lvl, student[lvl], teacher).float()
                 loss = F.mse_loss(s, t)
             out[f"fitnet.{lvl}"] = self.weight * loss
         return out

@@ -198,7 +198,7 @@ class GKD(DistillMethod):
         terms: dict[str, list[Tensor]] = {k: [] for k in weights}
         for lvl in self.levels:
             t = teacher_feature(teacher, lvl, method=self.name)
-            s = self.adapters.adapt(lvl, student[lvl]).float()
+            s = self.adapters.adapt(lvl, student[lvl], teacher).float()
             for key, value in self._level_losses(lvl, s, t, teacher, boxes, ctx).items():
                 terms[key].append(value)
         return {f"gkd.{k}": weights[k] * torch.stack(v).sum() for k, v in terms.items()}

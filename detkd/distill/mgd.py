@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
 from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
-from detkd.knowledge import TeacherKnowledge, channel_group_max
+from detkd.knowledge import TeacherKnowledge
 
 
 def random_cell_mask(n: int, h: int, w: int, ratio: float, *, like: Tensor) -> Tensor:
@@ -79,6 +79,6 @@ class MGD(DistillMethod):
             aligned = self.adapters[lvl](student[lvl])  # full teacher width: the generator works there
             n, _, h, w = aligned.shape
             masked = aligned * random_cell_mask(n, h, w, self.mask_ratio, like=aligned)
-            generated = channel_group_max(self.generators[lvl](masked), teacher.channel_group).float()
+            generated = teacher.match(lvl, self.generators[lvl](masked)).float()
             out[f"mgd.{lvl}"] = self.alpha * (generated - t).pow(2).sum() / n
         return out

@@ -79,7 +79,7 @@ class PKD(DistillMethod):
                 s = self.adapters.adapt_cells(lvl, student[lvl], cells, channel_group=r).float()
                 t = cells.values
             else:
-                s = _rows(self.adapters.adapt(lvl, student[lvl], channel_group=r).float())
+                s = _rows(self.adapters.adapt(lvl, student[lvl], teacher).float())
                 t = _rows(teacher_feature(teacher, lvl, method=self.name))
             loss = graph_zero(s) if s.shape[0] < 2 else pkd_loss(s, t, self.eps)
             out[f"pkd.{lvl}"] = self.weight * loss

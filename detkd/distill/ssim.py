@@ -177,7 +177,7 @@ class SSIMKD(DistillMethod):
             x = student[lvl]
             # The whole level in fp32, adapter included, so AMP does not change the loss.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                s = self.adapters.adapt(lvl, x.float(), channel_group=teacher.channel_group)
+                s = self.adapters.adapt(lvl, x.float(), teacher)
                 s = minmax_normalize(s, mode=self.normalize)
                 t = minmax_normalize(t, mode=self.normalize)
                 loss = ssim_loss(

@@ -190,7 +190,7 @@ class StructuredKD(DistillMethod):
         terms: dict[str, list[Tensor]] = {k: [] for k, w in weights.items() if w}
         for lvl in self.levels:
             t = teacher_feature(teacher, lvl, method=self.name)
-            for key, value in self._level_losses(lvl, student[lvl].float(), t).items():
+            for key, value in self._level_losses(lvl, student[lvl].float(), t, teacher).items():
                 terms[key].append(value)
         return {f"structured.{k}": weights[k] * torch.stack(v).sum() for k, v in terms.items()}
 
@@ -210,9 +210,11 @@ class StructuredKD(DistillMethod):
                 ch = c * torch.softmax(a_ch / temp, dim=1)
         return sp, ch
 
-    def _level_losses(self, level: str, s: Tensor, t: Tensor) -> dict[str, Tensor]:
+    def _level_losses(
+        self, level: str, s: Tensor, t: Tensor, teacher: TeacherKnowledge | None = None
+    ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
-        s_adapted = self.adapters.adapt(level, s)
+        s_adapted = self.adapters.adapt(level, s, teacher)
         if self.w_am:
             sp, ch = self.masks(s, s_adapted, t)
             weight = sp[:, None]

@@ -7,6 +7,7 @@ nothing of each other, so a new store encoding or a new method touches one side 
 
 from detkd.knowledge.contract import (
     KNOWLEDGE_KINDS,
+    ChannelBasis,
     KnowledgeOffer,
     SparseCells,
     TeacherKnowledge,
@@ -18,6 +19,7 @@ from detkd.knowledge.contract import (
 
 __all__ = [
     "KNOWLEDGE_KINDS",
+    "ChannelBasis",
     "KnowledgeOffer",
     "SparseCells",
     "TeacherKnowledge",

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    import torch
-
     from detkd.data.loader import Batch
 
 # What a method may declare in ``needs`` (checked when it is registered):
@@ -30,12 +29,47 @@ class SparseCells:
     score: Tensor | None = None  # float32 [K], optional per-cell weight (e.g. saliency)
 
 
+@dataclass(frozen=True)
+class ChannelBasis:
+    """A low-rank basis of one level's teacher features (a store's ``lowrank`` encoding).
+
+    ``mean`` [C] and ``basis`` [C, r] with orthonormal columns: a teacher map is kept as its r
+    coefficients ``basis^T (t - mean)`` per cell and served as ``mean + basis @ coefficients``.
+    """
+
+    mean: Tensor  # float32 [C]
+    basis: Tensor  # float32 [C, r]
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[1])
+
+    def coefficients(self, x: Tensor, dim: int = 1) -> Tensor:
+        """[..., C, ...] -> [..., r, ...] along ``dim``."""
+        x = x.movedim(dim, -1)
+        return ((x - self.mean.to(x)) @ self.basis.to(x)).movedim(-1, dim)
+
+    def reconstruct(self, c: Tensor, dim: int = 1) -> Tensor:
+        """[..., r, ...] -> [..., C, ...] along ``dim``: the map the coefficients stand for."""
+        c = c.movedim(dim, -1)
+        return (c @ self.basis.to(c).T + self.mean.to(c)).movedim(-1, dim)
+
+    def project(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Orthogonal projection onto the basis' affine subspace: what the store keeps of ``x``."""
+        return self.reconstruct(self.coefficients(x, dim), dim)
+
+    def to(self, device: torch.device | str) -> ChannelBasis:
+        return ChannelBasis(mean=self.mean.to(device), basis=self.basis.to(device))
+
+
 @dataclass
 class TeacherKnowledge:
     """What a teacher source hands to methods for one batch. Absent parts are None.
 
     ``channel_group`` > 1 means stored features were compressed by grouped channel max
-    pooling (C -> C/r); methods apply the same pooling to the adapted student features.
+    pooling (C -> C/r); ``bases`` means dense maps were kept as low-rank coefficients and are
+    served reconstructed (full width C). Either way methods compare like with like by passing
+    their adapted student maps through ``match``.
     """
 
     features: dict[str, Tensor] | None = None  # dense [B, C', H, W] per level
@@ -43,6 +77,16 @@ class TeacherKnowledge:
     importance: dict[str, Tensor] | None = None  # GKD spatial importance [B, 1, H, W] in [0, 1]
     channel_importance: dict[str, Tensor] | None = None  # GKD channel weights w_k [B, C]
     channel_group: int = 1
+    bases: dict[str, ChannelBasis] | None = None
+
+    def match(self, level: str, x: Tensor, dim: int = 1) -> Tensor:
+        """An adapted student map (teacher width) in the form the teacher knowledge has: grouped
+        channel max pooling and/or projection onto the level's stored basis, so that the student is
+        compared with what the store kept of the teacher, not penalised for what it dropped."""
+        x = channel_group_max(x, self.channel_group, dim)
+        if self.bases and level in self.bases:
+            x = self.bases[level].project(x, dim)
+        return x
 
 
 @dataclass(frozen=True)

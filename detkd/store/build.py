@@ -35,12 +35,13 @@ from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
 from detkd.errors import DataError
 from detkd.models.checkpoint import check_classes, file_sha256, load_detector
 from detkd.models.detector import Detector
+from detkd.store.bases import BASES, bases_sha256, encoding_entry, fit_bases, load_bases, save_bases
 from detkd.store.codec import layout_dtypes
 from detkd.store.content import content_digest
 from detkd.store.format import StoreError
 from detkd.store.lock import BuildLock
 from detkd.store.manifest import Manifest
-from detkd.store.select import SelectionPolicy
+from detkd.store.select import SelectionPolicy, valid_cells
 from detkd.store.teacher_pass import select_batch
 from detkd.store.writer import StoreWriter, shard_indices
 
@@ -215,16 +216,31 @@ def _build_locked(
         importance = {**DEFAULT_IMPORTANCE_MODE, **(importance_mode or {})}
         if any(not policy.selector_for(lv).serves_maps for lv in teacher.levels) or policy.channel_group != 1:
             raise StoreError(
-                "--importance (stored GKD) needs --policy dense and --channel-group 1: GKD imitates whole, "
-                "full-width maps"
+                "--importance (stored GKD) needs a whole-map policy (--policy lowrank, or dense) and "
+                "--channel-group 1: GKD imitates whole, full-width maps"
             )
-    odd = [lv for lv, c in teacher.channels.items() if (c // policy.channel_group) % 2]
+
+    def width(level: str) -> int:  # numbers kept per cell
+        if policy.selector_for(level).needs_basis:
+            return policy.rank
+        return teacher.channels[level] // policy.channel_group
+
+    odd = [lv for lv in teacher.levels if width(lv) % 2]
     if policy.value_dtype == "int4" and odd:
         raise StoreError(
-            f"int4 values pack two channels per byte, but level(s) {odd} keep an odd number of channels after "
-            f"channel_group {policy.channel_group}; choose another channel_group or --value-dtype int8"
+            f"int4 values pack two numbers per byte, but level(s) {odd} keep an odd number per cell (channel_group "
+            f"{policy.channel_group}, rank {policy.rank}); choose another channel_group or rank, or --value-dtype int8"
         )
+    lowrank = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
+    too_wide = [lv for lv in lowrank if policy.rank > teacher.channels[lv]]
+    if too_wide:
+        raise StoreError(f"rank {policy.rank} exceeds the channels of level(s) {too_wide}; choose a smaller --rank")
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
+    bases, encoding = None, {}
+    if policy.needs_basis(teacher.levels):
+        bases, encoding = _store_bases(
+            teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, progress=progress
+        )
     manifest = Manifest(
         teacher_hash=file_sha256(teacher_checkpoint),
         architecture=dict(teacher.spec),
@@ -242,6 +258,7 @@ def _build_locked(
         views=[v.to_dict() for v in views],
         dataset_fingerprint=source.fingerprint(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        encoding=encoding,
     )
     teacher_ap, ap_source = _teacher_ap(teacher, payload, teacher_ap, check_teacher_on, canvas, batch_size, device)
     indices = range(len(source)) if shard is None else shard_indices(len(source), shard=shard, num_shards=num_shards)
@@ -275,7 +292,7 @@ def _build_locked(
                     if read.error is not None:
                         writer.record_gap(record.image_id, read.view, file=str(record.file), reason=read.error)
                 if len(batch):
-                    for image_id, view, record in select_batch(teacher, batch.to(device), policy, importance):
+                    for image_id, view, record in select_batch(teacher, batch.to(device), policy, importance, bases):
                         writer.write(image_id, view, record)
                 skipped += batch.skipped
                 bar.update(len(batch) + batch.skipped)
@@ -304,6 +321,38 @@ def _build_locked(
     result = Manifest.from_dict(writer.manifest.to_dict())
     result.counts, result.extra = writer.counts, dict(writer.extra)  # a shard's own (the manifest's wait for merge)
     return result
+
+
+def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, *, progress: bool):
+    """The store's fitted bases (and the manifest's ``encoding``): read from ``bases.pt`` when an earlier
+    run or another shard wrote it, else fitted on the first ``policy.fit_views`` image views of the whole
+    data set (not of a shard: every shard fits the same bases, and the first to save them wins)."""
+    if not (out_dir / BASES).is_file():
+        pairs = [(i, v) for i in range(len(source)) for v in views][: policy.fit_views]
+        loader = DataLoader(
+            _PairDataset(source, pairs, views), batch_size=batch_size, collate_fn=_PairCollate(Collate(canvas))
+        )
+
+        def feature_batches():
+            for batch, _ in tqdm(loader, desc="fit bases", unit="batch", disable=not progress, dynamic_ncols=True):
+                if not len(batch):
+                    continue
+                batch = batch.to(device)
+                with torch.no_grad():
+                    feats = teacher.features(batch.images, batch.image_sizes)
+                valid = {
+                    lv: [valid_cells(tuple(s), teacher.strides[lv], tuple(f.shape[-2:])) for s in batch.image_sizes]
+                    for lv, f in feats.items()
+                }
+                yield feats, valid
+
+        levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
+        fitted = fit_bases(feature_batches(), rank=policy.rank, levels=levels)
+        if save_bases(out_dir, fitted):
+            log.info("%s: fitted rank-%d bases of %s on %d image views", out_dir, policy.rank, levels, len(pairs))
+    sha = bases_sha256(out_dir)
+    bases = load_bases(out_dir, sha256=sha)
+    return bases, encoding_entry(rank=policy.rank, fit_views=policy.fit_views, sha256=sha)
 
 
 def _teacher_ap(

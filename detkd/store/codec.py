@@ -10,6 +10,9 @@ A ``LevelRecord`` always holds cells as (y, x) and features as float16. On disk 
        channels (2c in the low nibble, 2c + 1 in the high one, each stored + 8), so [K, C'/2]
     q  the float16 scale of each int8 / int4 vector (one per cell: [K] for v, [h, w] for d);
        value = integer x q
+    c  low-rank coefficient maps [r, h, w] (``lowrank`` selector), in the value dtype; integer
+       coefficients have one scale per component instead of per cell (r bytes per cell at int8,
+       r / 2 at int4, not r + 2): ``k`` float16 [r], value = integer x k
     s  score float16 [K]; any longer name is an extra array, stored as given
 
 Integer values are symmetric per cell vector: scale = max |x| / 127 (int8) or / 7 (int4), so a
@@ -94,18 +97,40 @@ def _decode_values(x: Tensor, scale: Tensor, *, dim: int) -> Tensor:
     raise StoreError(f"values of dtype {x.dtype} with an integer scale: the record is corrupt")
 
 
+def _encode_maps(c: Tensor, *, value_dtype: str) -> tuple[Tensor, Tensor | None]:
+    """Coefficient maps [r, h, w] -> (stored array, scale [r] or None): one scale per component."""
+    if value_dtype == "float16":
+        return c.half(), None
+    r = c.shape[0]
+    q, scale = quantize_symmetric(c.reshape(r, -1), dim=1, qmax=_QMAX[value_dtype])
+    q = q.reshape(c.shape)
+    return (pack_int4(q, dim=0) if value_dtype == "int4" else q), scale
+
+
+def _decode_maps(c: Tensor, scale: Tensor) -> Tensor:
+    if c.dtype == torch.uint8:
+        c = unpack_int4(c, dim=0)
+    elif c.dtype != torch.int8:
+        raise StoreError(f"coefficients of dtype {c.dtype} with an integer scale: the record is corrupt")
+    return (c.float() * scale.float()[:, None, None]).half()
+
+
 def as_stored(levels: dict[str, LevelRecord], *, value_dtype: str) -> dict[str, LevelRecord]:
     """The records a reader gets back for ``levels`` written with ``value_dtype`` (its rounding)."""
     if value_dtype == "float16":
         return levels
     out = {}
     for level, rec in levels.items():
-        values, dense = rec.values, rec.dense
+        values, dense, coefficients = rec.values, rec.dense, rec.coefficients
         if values is not None:
             values = _decode_values(*_encode_values(values, dim=-1, value_dtype=value_dtype), dim=-1)
         if dense is not None:
             dense = _decode_values(*_encode_values(dense, dim=0, value_dtype=value_dtype), dim=0)
-        out[level] = LevelRecord(yx=rec.yx, values=values, score=rec.score, dense=dense, extras=dict(rec.extras))
+        if coefficients is not None:
+            coefficients = _decode_maps(*_encode_maps(coefficients, value_dtype=value_dtype))
+        out[level] = LevelRecord(
+            yx=rec.yx, values=values, score=rec.score, dense=dense, coefficients=coefficients, extras=dict(rec.extras)
+        )
     return out
 
 
@@ -139,8 +164,8 @@ def encode_levels(
     for level, rec in levels.items():
         if level not in feature_shapes:
             raise StoreError(f"level {level!r} has no feature shape in the manifest: cannot index its cells")
-        if rec.values is not None and rec.dense is not None:
-            raise StoreError(f"level {level!r}: a record holds cell values or a dense map, not both")
+        if sum(x is not None for x in (rec.values, rec.dense, rec.coefficients)) > 1:
+            raise StoreError(f"level {level!r}: a record holds cell values, a dense map or coefficients, not two")
         h, w = (int(v) for v in feature_shapes[level])
         parts = rec.arrays()  # checks the extras' names
         if "i" in parts:  # numpy: a few cells per level, where torch's per-op overhead dominated
@@ -153,6 +178,10 @@ def encode_levels(
             parts["d"], scale = _encode_values(parts["d"], dim=0, value_dtype=value_dtype)
             if scale is not None:
                 parts["q"] = scale
+        if "c" in parts:
+            parts["c"], scale = _encode_maps(parts["c"], value_dtype=value_dtype)
+            if scale is not None:
+                parts["k"] = scale
         out[level] = parts
     cells = {level: (parts["v"],) for level, parts in out.items() if "v" in parts}
     if value_dtype == "float16":
@@ -180,6 +209,10 @@ def decode_levels(
             raise StoreError(f"level {level!r}: an integer scale without values; the record is corrupt")
         if "q" in parts and "d" in parts:
             parts["d"] = _decode_values(parts["d"], parts.pop("q"), dim=0)
+        if "k" in parts:
+            if "c" not in parts:
+                raise StoreError(f"level {level!r}: a coefficient scale without coefficients; the record is corrupt")
+            parts["c"] = _decode_maps(parts["c"], parts.pop("k"))
         grouped[level] = parts
     scaled = {level: (parts["v"], parts.pop("q")) for level, parts in grouped.items() if "q" in parts}
     for level, (values,) in _rowwise(scaled, lambda v, q: (_decode_values(v, q, dim=-1),)):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from detkd.knowledge import SparseCells, TeacherKnowledge
+from detkd.knowledge import ChannelBasis, SparseCells, TeacherKnowledge
 from detkd.store.format import LevelRecord, StoreError
 
 # Keys of a dense level record's extra arrays written by ``store build --importance`` (on-disk names).
@@ -20,13 +20,16 @@ def collate_knowledge(
     feature_shapes: dict[str, tuple[int, int]],
     channel_group: int,
     device: torch.device | str | None = None,
+    bases: dict[str, ChannelBasis] | None = None,
 ) -> TeacherKnowledge:
     """Per-sample records of one batch (sample i = batch index i) -> TeacherKnowledge.
 
     Sparse levels become SparseCells (int64 yx, float32 values and score, batch_index concatenated
     in sample order). Dense levels become float32 [B, C', H, W] with each stored valid region placed
-    top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). A None record or a missing
-    level contributes no cells; a dense level needs a record for every sample.
+    top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). Coefficient maps (lowrank)
+    are reconstructed on the level's ``bases`` entry first, and the bases travel with the knowledge so
+    methods can project the student alike. A None record or a missing level contributes no cells; a
+    dense level needs a record for every sample.
     """
     levels = list(dict.fromkeys([lv for r in records if r for lv in r]))
     cells: dict[str, SparseCells] = {}
@@ -42,10 +45,10 @@ def collate_knowledge(
             if level not in feature_shapes:
                 raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
             h, w = feature_shapes[level]
-            c = present[0][1].dense.shape[0]
+            maps = [(i, _whole_map(level, rec, bases)) for i, rec in present]
+            c = maps[0][1].shape[0]
             out = torch.zeros((len(records), c, h, w), dtype=torch.float32)
-            for i, rec in present:
-                d = rec.dense
+            for i, d in maps:
                 if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
                     raise StoreError(
                         f"level {level!r}: stored map {tuple(d.shape)} does not fit the batch's "
@@ -65,7 +68,8 @@ def collate_knowledge(
             values=torch.cat([rec.values.float() for _, rec in present]) if present else torch.zeros((0, width)),
             score=torch.cat([rec.score.float() for _, rec in present]) if present and with_score else None,
         )
-    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group)
+    used = {lv: b for lv, b in (bases or {}).items() if lv in dense} or None
+    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group, bases=used)
     if device is not None:
         knowledge = _to_device(knowledge, device)
     return knowledge
@@ -84,7 +88,21 @@ def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowle
             )
             for lv, c in k.cells.items()
         }
-    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group)
+    bases = {lv: b.to(device) for lv, b in k.bases.items()} if k.bases else None
+    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group, bases=bases)
+
+
+def _whole_map(level: str, rec: LevelRecord, bases: dict[str, ChannelBasis] | None) -> torch.Tensor:
+    """A dense record's valid map [C', h, w]: as stored, or reconstructed from its coefficients."""
+    if rec.coefficients is None:
+        return rec.dense
+    basis = (bases or {}).get(level)
+    if basis is None:
+        raise StoreError(f"level {level!r} holds low-rank coefficients but no basis was given to decode them")
+    if rec.coefficients.shape[0] != basis.rank:
+        rank = rec.coefficients.shape[0]
+        raise StoreError(f"level {level!r}: {rank} coefficients per cell but a basis of rank {basis.rank}")
+    return basis.reconstruct(rec.coefficients.float(), dim=0)
 
 
 def collate_importance(

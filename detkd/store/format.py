@@ -13,10 +13,10 @@ An encoded record (all integers little-endian)::
     b"DK" | version u8 | blake2b-128 digest of the payload (16 bytes) | payload
     payload = n varint | n x (name_len u8, name utf-8, dtype u8, ndim u8, ndim x dim varint) | raw arrays, same order
 
-Array names are ``"<level>/<part>"``: one-letter parts for cells, values, scores, dense maps and
-their integer scales (their layout is ``detkd.store.codec``'s), any longer name for extra per-level
-arrays. Names are one letter because at the NMS-KSD operating point a record is a few hundred
-bytes and headers count.
+Array names are ``"<level>/<part>"``: one-letter parts for cells, values, scores, dense maps,
+low-rank coefficient maps and their integer scales (their layout is ``detkd.store.codec``'s), any
+longer name for extra per-level arrays. Names are one letter because at the NMS-KSD operating
+point a record is a few hundred bytes and headers count.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ DEFAULT_DTYPES = {
     "score": "float16",
     "dense": "float16",
 }
-_PARTS = {"i": "yx", "v": "values", "s": "score", "d": "dense"}
+_PARTS = {"i": "yx", "v": "values", "s": "score", "d": "dense", "c": "coefficients"}
 
 
 class StoreError(DetkdError):
@@ -98,11 +98,20 @@ class LevelRecord:
     values: Tensor | None = None  # float16 [K, C/r]
     score: Tensor | None = None  # float16 [K], selection score (saliency or detection score)
     dense: Tensor | None = None  # float16 [C/r, h, w], the valid (unpadded) region only
+    # float16 [r, h, w]: the valid region as coefficients on the store's low-rank basis of the level
+    coefficients: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def is_dense(self) -> bool:
-        return self.dense is not None
+        """A whole (valid) map, kept as such or as low-rank coefficients."""
+        return self.dense is not None or self.coefficients is not None
+
+    @property
+    def map_hw(self) -> tuple[int, int] | None:
+        """(h, w) of the stored valid map, for a dense record."""
+        m = self.dense if self.dense is not None else self.coefficients
+        return None if m is None else (int(m.shape[-2]), int(m.shape[-1]))
 
     @property
     def num_cells(self) -> int:

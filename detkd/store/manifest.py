@@ -84,6 +84,9 @@ class Manifest:
     # Image views the build skipped (unreadable images): {"image_id", "file", "view", "reason"} each.
     # A store with gaps can be complete; ``verify`` fails on them unless they are accepted.
     gaps: list[dict] = field(default_factory=list)
+    # A named, versioned encoding beyond the record layout, e.g. lowrank's fitted bases
+    # (``detkd.store.bases.encoding_entry``); {} for stores that need none (and those written before it).
+    encoding: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.levels = list(self.levels)

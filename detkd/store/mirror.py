@@ -17,9 +17,10 @@ def mirror_levels(
     out: dict[str, LevelRecord] = {}
     for level, rec in record.items():
         if rec.is_dense:
-            hw = tuple(rec.dense.shape[-2:])
+            hw = rec.map_hw
             extras = {k: v.flip(-1) if v.dim() == 3 and tuple(v.shape[-2:]) == hw else v for k, v in rec.extras.items()}
-            out[level] = LevelRecord(dense=rec.dense.flip(-1), extras=extras)
+            flip = lambda m: None if m is None else m.flip(-1)  # noqa: E731
+            out[level] = LevelRecord(dense=flip(rec.dense), coefficients=flip(rec.coefficients), extras=extras)
             continue
         yx = rec.yx.clone() if rec.yx is not None else None
         if yx is not None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from detkd.data.views import View
-from detkd.knowledge import KnowledgeOffer, TeacherKnowledge
+from detkd.knowledge import ChannelBasis, KnowledgeOffer, TeacherKnowledge
+from detkd.store.bases import load_bases
 from detkd.store.codec import decode_levels
 from detkd.store.collate import collate_knowledge
 from detkd.store.format import (
@@ -43,6 +44,7 @@ class StoreReader:
         self.path = Path(path)
         self.verify = verify
         self.manifest = Manifest.load(self.path)
+        self._bases: dict[str, ChannelBasis] | None = None
         merged = [self.path / RECORDS] if (self.path / RECORDS).is_dir() else []
         # Shards without a status file are leftovers of a finished merge (see merge_shards).
         shards = sorted(p for p in self.path.glob("shard-*.lmdb") if p.with_suffix(".json").is_file())
@@ -73,6 +75,16 @@ class StoreReader:
         return self.policy.offer(
             m.levels, importance=bool(m.preprocessing.get("importance")), describe=f"the store {self.path}"
         )
+
+    @property
+    def bases(self) -> dict[str, ChannelBasis] | None:
+        """The fitted bases of a lowrank store (loaded once per process, checked against the manifest)."""
+        encoding = self.manifest.encoding
+        if not encoding.get("sha256"):
+            return None
+        if self._bases is None:
+            self._bases = load_bases(self.path, sha256=encoding["sha256"])
+        return self._bases
 
     @property
     def channel_group(self) -> int:
@@ -186,4 +198,6 @@ class StoreReader:
     ) -> TeacherKnowledge:
         """Collate one batch's records (``feature_shapes`` defaults to the manifest's canvas)."""
         shapes = feature_shapes or {k: tuple(v) for k, v in self.manifest.feature_shapes.items()}
-        return collate_knowledge(records, feature_shapes=shapes, channel_group=self.channel_group, device=device)
+        return collate_knowledge(
+            records, feature_shapes=shapes, channel_group=self.channel_group, device=device, bases=self.bases
+        )

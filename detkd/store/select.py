@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from detkd.errors import ConfigError
-from detkd.knowledge import KnowledgeOffer
+from detkd.knowledge import ChannelBasis, KnowledgeOffer
 from detkd.store.codec import VALUE_DTYPES
 from detkd.store.detections import detection_cells
 from detkd.store.format import LevelRecord, StoreError
@@ -54,6 +54,9 @@ class SelectionPolicy:
     "float16", or "int8" / "int4" with a float16 scale per cell (``detkd.store.codec``). None picks
     int4 for cell selectors (a 1 % budget at 128 px; measured to cost no AP beyond seed noise, see
     README) and float16 for the ``dense`` selector, which exists for methods needing exact whole maps.
+    ``channel_group`` None picks the selector's default (4; 1 for ``lowrank``, which projects full-width
+    maps). ``lowrank``: ``rank`` coefficients per cell on a per-level principal basis fitted on the
+    teacher's features of the first ``fit_views`` image views (``detkd.store.bases``).
     """
 
     name: str = "nms-ksd"
@@ -63,8 +66,10 @@ class SelectionPolicy:
     threshold_mode: str = "relative"
     top_k: int | dict[str, int] | None = None
     density: float | None = None
-    channel_group: int = 4
+    channel_group: int | None = None
     value_dtype: str | None = None
+    rank: int = 16
+    fit_views: int = 256
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -79,8 +84,17 @@ class SelectionPolicy:
                 )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"selection policy kernel: must be an odd positive integer, got {self.kernel}")
+        if self.channel_group is None:
+            self.channel_group = SELECTORS.get(self.name).default_channel_group
         if self.channel_group < 1:
             raise ConfigError(f"selection policy channel_group: must be >= 1, got {self.channel_group}")
+        if self.channel_group != 1 and any(SELECTORS.get(m).needs_basis for m in [self.name, *self.per_level.values()]):
+            raise ConfigError(
+                f"selection policy: the lowrank selector projects full-width maps; use channel_group 1, "
+                f"not {self.channel_group}"
+            )
+        if self.rank < 1 or self.fit_views < 1:
+            raise ConfigError(f"selection policy: rank and fit_views must be >= 1, got {self.rank}, {self.fit_views}")
         if self.value_dtype is None:
             self.value_dtype = SELECTORS.get(self.name).default_value_dtype
         if self.value_dtype not in VALUE_DTYPES:
@@ -101,6 +115,10 @@ class SelectionPolicy:
 
     def selector_for(self, level: str) -> Selector:
         return SELECTORS.get(self.mode_for(level))()
+
+    def needs_basis(self, levels) -> bool:
+        """Some level is encoded on a fitted basis (``store.bases`` must fit one before the build)."""
+        return any(self.selector_for(lv).needs_basis for lv in levels)
 
     def needs_detections(self, levels) -> bool:
         """The teacher's detections must be computed for a batch (a detection-based selector is used)."""
@@ -142,6 +160,7 @@ class SelectionPolicy:
         image_size: tuple[int, int],
         strides: dict[str, int],
         detections: dict[str, Tensor] | None = None,
+        bases: dict[str, ChannelBasis] | None = None,
     ) -> dict[str, LevelRecord]:
         """Select one image view's knowledge: features {level: [C, H, W]} of the image placed top-left
         on the canvas, ``image_size`` its valid (h, w) in pixels, ``detections`` {"boxes": xyxy canvas
@@ -154,6 +173,7 @@ class SelectionPolicy:
             image_sizes=[image_size],
             strides=strides,
             detections=None if detections is None else [detections],
+            bases=bases,
         )[0]
 
     def select_batch(
@@ -163,6 +183,7 @@ class SelectionPolicy:
         image_sizes: list[tuple[int, int]],
         strides: dict[str, int],
         detections: list[dict[str, Tensor]] | None = None,
+        bases: dict[str, ChannelBasis] | None = None,
     ) -> list[dict[str, LevelRecord]]:
         """``select_image`` for a batch: features {level: [N, C, H, W]}, one size (and detections) per
         image. Saliency, NMS windows, the gather and channel pooling run once per level for the
@@ -197,6 +218,7 @@ class SelectionPolicy:
                 valid=valid,
                 top_k=[self.top_k_for(level, strides[level], v) for v in valid],
                 detection_cells=detection_cells,
+                basis=(bases or {}).get(level),
             )
             for i, record in enumerate(self.selector_for(level).select(batch, self)):
                 out[i][level] = record

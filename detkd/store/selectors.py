@@ -2,8 +2,10 @@
 selector (or encoding of whole maps) is one class and its ``@register_selector`` line.
 
 A selector sees one level of one teacher batch (``LevelBatch``) and returns one ``LevelRecord`` per
-image: sparse cells (``yx``, ``values``, ``score``) or a whole map (``dense``). ``serves_maps`` says
-which, so methods that need whole maps are refused up front on the others (``KnowledgeOffer``).
+image: sparse cells (``yx``, ``values``, ``score``), a whole map (``dense``) or a whole map as
+low-rank coefficients (``coefficients``). ``serves_maps`` says which, so methods that need whole maps
+are refused up front on the others (``KnowledgeOffer``). ``needs_basis``: the selector encodes on a
+per-level basis fitted once on the teacher's features before the build (``detkd.store.bases``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from detkd.knowledge import channel_group_max
+from detkd.knowledge import ChannelBasis, channel_group_max
 from detkd.registry import Registry
 from detkd.store.format import LevelRecord
 from detkd.store.peaks import peaks_from_saliency_batch, saliency_map
@@ -43,6 +45,7 @@ class LevelBatch:
     top_k: list[int]  # per image: the policy's cell budget on this level
     # Per image {level: (yx, score)} from the teacher's detections, computed once per batch on demand.
     detection_cells: Callable[[], list[dict[str, tuple[Tensor, Tensor]]]] = field(repr=False, default=list)
+    basis: ChannelBasis | None = None  # the level's fitted basis, for selectors with ``needs_basis``
 
 
 class Selector(ABC):
@@ -51,7 +54,9 @@ class Selector(ABC):
     name: ClassVar[str] = "base"
     serves_maps: ClassVar[bool] = False  # True: whole (valid) maps; False: selected cells only
     needs_detections: ClassVar[bool] = False  # the teacher's post-NMS detections must be computed
+    needs_basis: ClassVar[bool] = False  # encodes on a per-level basis fitted before the build
     default_value_dtype: ClassVar[str] = "int4"  # when the policy leaves value_dtype unset
+    default_channel_group: ClassVar[int] = 4  # when the policy leaves channel_group unset
 
     @abstractmethod
     def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
@@ -125,3 +130,24 @@ class DetectionSelector(Selector):
     def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
         picks = [cells[batch.level] for cells in batch.detection_cells()]
         return cell_records(batch, picks, policy.channel_group)
+
+
+@register_selector("lowrank")
+class LowRankSelector(Selector):
+    """The whole valid map as ``rank`` coefficients per cell on the level's principal basis (fitted once
+    on a sample of the teacher's features): methods get every map back, reconstructed, for r / C of the
+    width, and compare the student projected on the same basis (``TeacherKnowledge.match``)."""
+
+    serves_maps = True
+    needs_basis = True
+    default_value_dtype = "int4"
+    default_channel_group = 1
+
+    def select(self, batch: LevelBatch, policy: PolicySettings) -> list[LevelRecord]:
+        if batch.basis is None:
+            raise ValueError(f"level {batch.level!r}: the lowrank selector needs the level's fitted basis")
+        coefficients = batch.basis.coefficients(batch.features.float()).half().cpu()
+        return [
+            LevelRecord(coefficients=coefficients[i, :, :vh, :vw].contiguous())
+            for i, (vh, vw) in enumerate(batch.valid)
+        ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from detkd.data.loader import Batch
+from detkd.errors import ConfigError
 from detkd.knowledge import KnowledgeOffer, TeacherKnowledge, level_sizes
 from detkd.knowledge.online import OnlineTeacher
 from detkd.models.detector import Detector
@@ -50,6 +51,11 @@ class SelectingTeacher(OnlineTeacher):
 
     def __init__(self, detector: Detector, policy: SelectionPolicy) -> None:
         super().__init__(detector)
+        if policy.needs_basis(self.levels):
+            raise ConfigError(
+                "online selection cannot use the lowrank selector: its bases are fitted when a store is built; "
+                "build the store (detkd store build --policy lowrank) and distill from it"
+            )
         self.policy = policy
 
     def offer(self) -> KnowledgeOffer:

@@ -10,6 +10,7 @@ from detkd.store.codec import decode_levels
 from detkd.store.format import StoreError, decode_record, parse_key
 from detkd.store.integrity import deep_check
 from detkd.store.lmdb_env import iter_items
+from detkd.store.projection import projected_record_bytes
 from detkd.store.reader import StoreReader
 from detkd.store.writer import shard_problems, shard_status
 
@@ -145,4 +146,6 @@ def store_info(path: str | Path) -> dict:
         "bytes_per_image_view": per_view,
         "dense_fp16_bytes_per_view": dense,
         "ratio_to_dense": per_view / dense if dense else float("nan"),
+        "encoding": m.encoding,
+        "projected_coco": projected_record_bytes(m),
     }

@@ -17,7 +17,7 @@ RATIOS = (
     "stored_over_student_step_ratio",
     "online_over_student_step_ratio",
     "stored_over_online_step_ratio",
-    "nmsksd_over_dense_size_ratio",
+    "store_over_dense_size_ratio",
     "build_over_teacher_inference_throughput_ratio",
     "build_call_over_teacher_inference_throughput_ratio",
     "build_over_teacher_compute_throughput_ratio",
@@ -116,10 +116,10 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     # cells) are 2 bytes x 32 channels x 86 cells per image-view. The store holds 16 images x 2 flips,
     # all of them inside the store's files on disk.
     assert r["dense_fp16_bytes_per_image_view"] == 2 * 32 * (64 + 16 + 4 + 1 + 1)
-    assert r["nmsksd_over_dense_size_ratio"] == pytest.approx(
+    assert r["store_over_dense_size_ratio"] == pytest.approx(
         r["store_bytes_per_image_view"] / r["dense_fp16_bytes_per_image_view"]
     )
-    assert r["nmsksd_over_dense_size_ratio"] < 1
+    assert r["store_over_dense_size_ratio"] < 1
     on_disk = sum(f.stat().st_size for f in (tmp_path / "bench" / "store").rglob("*") if f.is_file())
     assert 0 < 16 * 2 * r["store_bytes_per_image_view"] <= on_disk
 
@@ -128,7 +128,7 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     assert "method pkd" in text
     assert f"stored / student   {r['stored_over_student_step_ratio']:.3f}   (goal <= 1.05)" in text
     assert f"online / student   {r['online_over_student_step_ratio']:.3f}" in text
-    assert f"ratio {r['nmsksd_over_dense_size_ratio']:.4f} (goal <= 0.01)" in text
+    assert f"ratio {r['store_over_dense_size_ratio']:.4f} (goal <= 0.05" in text
     assert f"ratio {r['build_over_teacher_inference_throughput_ratio']:.3f} (goal >= 0.9)" in text
     write_results(r, tmp_path / "speed.json")
     saved = strict_json((tmp_path / "speed.json").read_text())
@@ -138,7 +138,7 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
 
 def test_each_method_gets_a_store_policy_it_can_read():
     # Position-wise methods read sparse cells: the compact default store (nms-ksd). Every other method
-    # needs whole maps: a dense float16 store that keeps every channel (channel_group 1).
+    # needs whole maps: the compact lowrank store (whole maps as rank-16 int4 coefficients).
     sparse = {name for name, cls in api.METHODS.items() if cls.sparse_ok}
     assert {"fitnet", "pkd"} <= sparse and not {"cwd", "defeat", "ssim"} & sparse
     for name in api.METHODS.names():
@@ -146,4 +146,4 @@ def test_each_method_gets_a_store_policy_it_can_read():
         if name in sparse:
             assert policy.name == "nms-ksd", name
         else:
-            assert (policy.name, policy.channel_group, policy.value_dtype) == ("dense", 1, "float16"), name
+            assert (policy.name, policy.channel_group, policy.rank, policy.value_dtype) == ("lowrank", 1, 16, "int4")

@@ -90,7 +90,7 @@ def test_bad_arguments_are_reported_without_traceback(setup, capsys):
     assert store_build(root, data, "x", "--per-level", "p6") == 2
     assert "--per-level: 'p6' is not LEVEL=VALUE" in capsys.readouterr().err
     assert store_build(root, data, "x", "--importance") == 2
-    assert "needs --policy dense and --channel-group 1" in capsys.readouterr().err
+    assert "needs a whole-map policy (--policy lowrank, or dense) and --channel-group 1" in capsys.readouterr().err
     assert store_build(root, data, "x", "--shard", "1") == 2
     assert "--shard and --num-shards go together" in capsys.readouterr().err
     assert main(["store", "info", str(root / "nowhere")]) == 2

@@ -63,7 +63,7 @@ def test_adapt_applies_channel_group_max():
     x = torch.randn(2, 4, 5, 5)
     a = LevelAdapters({"p3": LevelSpec(4, 4, 8)}, kind="identity")
     expected = torch.stack([torch.maximum(x[:, 0], x[:, 1]), torch.maximum(x[:, 2], x[:, 3])], dim=1)
-    torch.testing.assert_close(a.adapt("p3", x, channel_group=2), expected)
+    torch.testing.assert_close(a.adapt("p3", x, TeacherKnowledge(channel_group=2)), expected)
 
 
 @pytest.mark.parametrize("kind", ["identity", "conv1x1", "conv3x3"])
@@ -73,7 +73,7 @@ def test_adapt_cells_equals_gathered_dense(kind, group):
     a = LevelAdapters({"p3": LevelSpec(4, 4, 8)}, kind=kind)
     x = torch.randn(2, 4, 5, 5)
     cells = _cells()
-    dense = gather_cells(a.adapt("p3", x, channel_group=group), cells)
+    dense = gather_cells(a.adapt("p3", x, TeacherKnowledge(channel_group=group)), cells)
     torch.testing.assert_close(a.adapt_cells("p3", x, cells, channel_group=group), dense, rtol=1e-5, atol=1e-6)
 
 

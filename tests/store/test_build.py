@@ -29,15 +29,6 @@ POLICY = ViewPolicy(sizes=(64,), flip_prob=0.5)
 VIEWS = POLICY.all_views()  # s64, s64-flip
 
 
-@pytest.fixture
-def teacher_ckpt(tmp_path, spec_factory, tiny_source):
-    torch.manual_seed(0)
-    teacher = build_detector(spec_factory("fcos"))
-    path = tmp_path / "teacher.pt"
-    save_checkpoint(path, teacher, class_names=tiny_source.class_names, extra={"metrics": {"AP": 0.25}})
-    return path, teacher.eval()
-
-
 def build(tmp_path, source, ckpt, folder, *, batch_size=8, **kw):
     policy = kw.pop("policy", None) or SelectionPolicy()
     return build_store(
@@ -267,7 +258,7 @@ def test_importance_store_holds_the_teachers_gkd_maps(tmp_path, tiny_source, tea
     batch = dataclasses.replace(batch, knowledge=[record])
     knowledge = StoredTeacher(reader).knowledge(batch, frozenset({"features", "importance"}))
     assert knowledge.importance["p3"].shape == (1, 1, 8, 8) and knowledge.channel_importance["p3"].shape == (1, 16)
-    with pytest.raises(StoreError, match="--policy dense and --channel-group 1"):
+    with pytest.raises(StoreError, match="whole-map policy .* and --channel-group 1"):
         build(tmp_path, tiny_source, ckpt, "bad", policy=SelectionPolicy(), with_importance=True)
 
 
@@ -281,7 +272,7 @@ def test_build_refuses_bad_settings(tmp_path, tiny_source, teacher_ckpt, spec_fa
     save_checkpoint(tmp_path / "o.pt", other, class_names=["cat", "dog"])
     with pytest.raises(StoreError, match="teacher classes"):
         build(tmp_path, tiny_source, tmp_path / "o.pt", "c")
-    with pytest.raises(StoreError, match="odd number of channels after channel_group 16"):  # 16 -> 1: no pairs
+    with pytest.raises(StoreError, match=r"odd number per cell \(channel_group 16"):  # 16 -> 1: no pairs
         build(tmp_path, tiny_source, ckpt, "e", policy=SelectionPolicy(channel_group=16, value_dtype="int4"))
     build(tmp_path, tiny_source, ckpt, "d")
     with pytest.raises(StoreError, match="different .*policy"):  # a rerun with other settings does not mix stores

@@ -40,5 +40,6 @@ def test_a_registered_selector_is_a_policy_with_its_own_records_and_offer(corner
 
 
 def test_unknown_selectors_are_named_with_the_registered_ones(corner_selector):
-    with pytest.raises(ConfigError, match="unknown 'nope'; choose one of dense, detections, nms-ksd, toy-corner"):
+    names = "dense, detections, lowrank, nms-ksd, toy-corner"
+    with pytest.raises(ConfigError, match=f"unknown 'nope'; choose one of {names}"):
         SelectionPolicy(name="nope")
