@@ -185,11 +185,3 @@ def test_bench_accuracy_with_stored_and_selected_rows(tmp_path, synth, recipe_fa
     assert run["online_selection"]["channel_group"] == 2 and run["stored"] is False
     stored = torch.load(out / "fitnet_stored-seed0" / "last.pt", map_location="cpu", weights_only=True)["run"]
     assert stored["stored"] is True
-
-
-def test_demo_quick_runs_the_whole_story(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert {"teacher", "student", "store", "student_stored"} <= set(summary)
-    assert 0 < summary["store"]["ratio_to_dense"] < 0.1
-    assert "student distilled from the store" in capsys.readouterr().out
