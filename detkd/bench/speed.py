@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from detkd.bench.results import provenance, write_json
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.synthetic import generate_synthetic
@@ -25,7 +26,6 @@ from detkd.distill.base import METHODS
 from detkd.distill.task import DistillationTask, build_method, common_levels
 from detkd.engine.optim import build_optimizer
 from detkd.engine.tasks import DetectionTask
-from detkd.jsonio import dumps
 from detkd.knowledge.online import OnlineTeacher
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
@@ -341,7 +341,8 @@ def _reader_throughput(store_dir: Path) -> float:
 
 
 def write_results(results: dict, path: str | Path) -> None:
-    Path(path).write_text(dumps(results, indent=2))  # strict JSON (null, never NaN)
+    """Strict JSON (null, never NaN) with the run's provenance (command, commit, date, machine) first."""
+    write_json(path, {**provenance(), **results})
 
 
 def format_results(r: dict) -> str:

@@ -70,11 +70,66 @@ def _weights(per_seed: list | None) -> str:
     return "; ".join(parts)
 
 
+def speed_table(payload: dict) -> str:
+    """Markdown: the side-by-side ratios of ``detkd bench speed`` with the goals they answer to."""
+    med, scale = payload["step_seconds_median"], payload["scale"]
+    coco = payload.get("projected_coco") or {}
+    store = scale["store_policy"]
+    rows = [
+        (
+            "stored step / student-alone step",
+            f"**{payload['stored_over_student_step_ratio']:.2f}** ({med['stored']:.3f} s vs {med['student']:.3f} s)",
+            "<= 1.05",
+        ),
+        (
+            "online step / student-alone step",
+            f"{payload['online_over_student_step_ratio']:.2f} ({med['online']:.3f} s)",
+            "",
+        ),
+        ("stored step / online step", f"{payload['stored_over_online_step_ratio']:.2f}", ""),
+        (
+            "store bytes per image-view / dense fp16 maps",
+            f"{100 * payload['store_over_dense_size_ratio']:.2f} % ({payload['store_bytes_per_image_view']:.0f} B vs "
+            f"{payload['dense_fp16_bytes_per_image_view']:.0f} B)",
+            "<= 5 %",
+        ),
+        (
+            "projected at COCO scale (1333x800), bytes per image-view",
+            f"{coco.get('bytes_per_view', 0) / 1024:.1f} KB "
+            f"({100 * coco.get('ratio_to_dense', 0):.2f} % of dense fp16)",
+            "<= 32 KB",
+        ),
+        (
+            "store build loop / teacher inference (same loader)",
+            f"{payload['build_over_teacher_inference_throughput_ratio']:.2f}",
+            ">= 0.9",
+        ),
+        (
+            "store reader / what a stored step consumes",
+            f"{payload['reader_over_training_consumption_ratio']:.0f}",
+            ">= 20",
+        ),
+    ]
+    lines = ["| figure | measured | goal |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    foot = (
+        f"Method `{scale['method']}`, store policy `{store['name']}` ({store.get('value_dtype')}); "
+        f"{scale['images']} synthetic images at {scale['size']} px, batch {scale['batch_size']}, student FCOS "
+        f"{scale['student']['backbone']}/FPN-{scale['student']['fpn_channels']}, teacher FCOS "
+        f"{scale['teacher']['backbone']}/FPN-{scale['teacher']['fpn_channels']} (random weights), "
+        f"{scale['threads']} threads, {scale['workers']} loader workers. Measured {payload.get('date', '?')[:10]} "
+        f"at commit `{str(payload.get('commit'))[:12]}` on {payload.get('machine', '?')} by "
+        f"`{payload.get('command', '?')}`."
+    )
+    return "\n".join(lines) + "\n\n" + foot + "\n"
+
+
 def render(path: str | Path) -> str:
     payload = read_json(path)
     if "student" in payload:
         return accuracy_table(payload)
-    raise ValueError(f"{path}: no table renderer for this results file (no 'student' key)")
+    if "step_seconds_median" in payload:
+        return speed_table(payload)
+    raise ValueError(f"{path}: no table renderer for this results file (neither accuracy nor speed figures)")
 
 
 def update_readme(readme: str | Path, results_dir: str | Path, *, check: bool = False) -> list[str]:

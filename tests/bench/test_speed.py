@@ -134,6 +134,13 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     saved = strict_json((tmp_path / "speed.json").read_text())
     assert saved["scale"] == r["scale"] and saved["step_seconds_all"] == times
     assert all(saved[key] == pytest.approx(r[key]) for key in RATIOS)
+    # The README table is rendered from the file: the ratios it shows are the file's.
+    from detkd.bench.tables import render
+
+    table = render(tmp_path / "speed.json")
+    assert f"**{r['stored_over_student_step_ratio']:.2f}**" in table and "method `pkd`" not in table
+    assert "Method `pkd`, store policy `nms-ksd`" in table
+    assert f"{r['projected_coco']['bytes_per_view'] / 1024:.1f} KB" in table
 
 
 def test_each_method_gets_a_store_policy_it_can_read():

@@ -78,7 +78,9 @@ def test_bench_json_is_strict(tmp_path, strict_json):
     from detkd.bench.speed import write_results
 
     write_results({"ratio": math.nan, "rounds": [1.0, math.inf]}, tmp_path / "speed.json")
-    assert strict_json((tmp_path / "speed.json").read_text()) == {"ratio": None, "rounds": [1.0, None]}
+    saved = strict_json((tmp_path / "speed.json").read_text())
+    assert {k: saved[k] for k in ("ratio", "rounds")} == {"ratio": None, "rounds": [1.0, None]}
+    assert {"command", "commit", "date", "machine"} <= saved.keys()  # provenance, as every results file
     # A finished run's metrics with an undefined metric (as older versions wrote it: bare NaN) is reused.
     run = tmp_path / "acc" / "student-seed0"
     run.mkdir(parents=True)
