@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--method",
         default="fitnet",
-        help="distillation method (one that needs whole maps, e.g. defeat, gets a dense store)",
+        help="distillation method measured (fitnet/pkd train from an nms-ksd store, map-based methods from a lowrank one)",
     )
     s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
