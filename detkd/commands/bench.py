@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--method",
         default="fitnet",
-        help="distillation method measured (fitnet/pkd train from an nms-ksd store, map-based methods from a lowrank one)",
+        help="distillation method measured (fitnet/pkd train from an nms-ksd store, the others from lowrank)",
     )
     s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
