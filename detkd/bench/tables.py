@@ -44,10 +44,39 @@ def accuracy_table(payload: dict) -> str:
             )
     teacher = (payload.get("teacher") or {}).get("ap")
     foot = [f"Teacher AP {_pts(teacher)}." if teacher is not None else ""]
+    foot += _store_lines(payload)
     foot.append(f"AP = COCO AP@[.5:.95] x100 on the validation split; seeds {payload.get('seeds')}.")
     foot.append(f"Measured {payload.get('date', '?')[:10]} at commit `{str(payload.get('commit'))[:12]}` on")
     foot.append(f"{payload.get('machine', '?')} by `{payload.get('command', '?')}`.")
     return "\n".join(lines) + "\n\n" + " ".join(f for f in foot if f) + "\n"
+
+
+def _store_lines(payload: dict) -> list[str]:
+    """One sentence per store the stored rows trained from: what it keeps and what it weighs."""
+    stores: dict[str, tuple[dict, list[str]]] = {}
+    for spec, entry in (payload.get("stored") or {}).items():
+        if entry.get("store"):
+            stores.setdefault(entry["store"]["path"], (entry["store"], []))[1].append(spec)
+    out = []
+    for info, specs in stores.values():
+        enc = info.get("encoding") or {}
+        kind = f"{info['policy']} rank {enc['rank']}" if enc.get("rank") else info["policy"]
+        extra = ", with GKD importance maps" if info.get("importance") else ""
+        out.append(
+            f"Store for {', '.join(specs)}: {kind} {info.get('value_dtype')}{extra}, {info['bytes_per_view']:.0f} B "
+            f"per image-view = {100 * info['ratio_to_dense']:.2f} % of the dense fp16 maps "
+            f"(projected at COCO scale: {info['projected_coco_bytes_per_view'] / 1024:.1f} KB per image-view)."
+        )
+    best = payload.get("best") or {}
+    if best:
+        on, st = best["online"], best["stored"]
+        verdict = "within" if best["within_spread"] else "not within"
+        out.append(
+            f"Best from the store: {st['method']} {_pts(st['mean'])} (spread {_pts(st['spread'])}); best online: "
+            f"{on['method']} {_pts(on['mean'])} (spread {_pts(on['spread'])}); gap {_pts(best['gap'])}, {verdict} "
+            "the larger seed spread."
+        )
+    return out
 
 
 def _seeds(entry: dict) -> str:

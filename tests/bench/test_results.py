@@ -80,3 +80,63 @@ def test_committed_readme_tables_match_the_committed_results():
     for path in results.glob("*.json"):
         read_json(path)  # strict JSON
     assert update_readme(REPO / "README.md", results, check=True) == []
+
+
+def test_stored_rows_name_their_store_and_the_best_comparison(tmp_path, monkeypatch):
+    import detkd.bench.accuracy as accuracy
+    from detkd.bench.accuracy import store_for, stores_by_method
+    from detkd.bench.tables import render
+
+    stores = stores_by_method({"*": "s/maps", "gkd": "s/imp"})
+    assert (store_for("cwd", stores), store_for("gkd:paper", stores)) == ("s/maps", "s/imp")
+    assert stores_by_method("s/one") == {"*": "s/one"} and store_for("x", {}) is None
+
+    def summary(path):  # the store's size without building one (store_summary reads store_info)
+        return {
+            "path": path,
+            "policy": "lowrank",
+            "value_dtype": "int4",
+            "encoding": {"rank": 16},
+            "importance": path == "s/imp",
+            "bytes_per_view": 3000.0,
+            "dense_fp16_bytes_per_view": 87296,
+            "ratio_to_dense": 3000 / 87296,
+            "projected_coco_bytes_per_view": 178688,
+        }
+
+    monkeypatch.setattr(accuracy, "store_summary", summary)
+    ckpt = tmp_path / "teacher.pt"
+    import torch
+
+    torch.save({"metrics": {"AP": 0.15}}, ckpt)
+    rows = [
+        Row("student", None, None),
+        Row("cwd (online)", "cwd", str(ckpt)),
+        Row("gkd (online)", "gkd", str(ckpt)),
+        Row("cwd (stored)", "cwd", "s/maps", kind="stored"),
+        Row("gkd (stored)", "gkd", "s/imp", kind="stored"),
+    ]
+    results = {
+        "student": [{"AP": 0.05}, {"AP": 0.04}],
+        "cwd (online)": [{"AP": 0.10}, {"AP": 0.12}],  # best online: 11.0, spread 2.0
+        "gkd (online)": [{"AP": 0.09}, {"AP": 0.09}],
+        "cwd (stored)": [{"AP": 0.095}, {"AP": 0.096}],  # 9.55, spread 0.1: 1.45 below, within 2.0
+        "gkd (stored)": [{"AP": 0.08}, {"AP": 0.08}],
+    }
+    p = accuracy_payload(rows, results, recipe="r.yaml", teacher=str(ckpt), store=stores, seeds=[0, 1])
+    assert p["stored"]["cwd"]["vs_online"] == -1.45 and p["stored"]["gkd"]["store"]["path"] == "s/imp"
+    assert p["best"] == {
+        "online": {"method": "cwd", "mean": 11.0, "spread": 2.0},
+        "stored": {"method": "cwd", "mean": 9.55, "spread": 0.1},
+        "gap": 1.45,
+        "within_spread": True,
+    }
+    results["cwd (online)"] = [{"AP": 0.12}, {"AP": 0.125}]  # 12.25, spread 0.5: the gap 2.7 is not within
+    p = accuracy_payload(rows, results, recipe="r.yaml", teacher=str(ckpt), store=stores, seeds=[0, 1])
+    assert p["best"]["within_spread"] is False
+    write_json(tmp_path / "store.json", p)
+    table = render(tmp_path / "store.json")
+    assert "| cwd (from the store) | 9.5, 9.6 | 9.6 | 0.1 | +5.0 | yes |" in table
+    assert "Store for gkd: lowrank rank 16 int4, with GKD importance maps, 3000 B per image-view = 3.44 %" in table
+    assert "(projected at COCO scale: 174.5 KB per image-view)" in table
+    assert "gap 2.7, not within the larger seed spread" in table
