@@ -63,6 +63,7 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
     for name, runs in results.items():
         aps = [r["AP"] for r in runs if "AP" in r]
         secs = [r["epoch_seconds"] for r in runs if "epoch_seconds" in r]
+        ap50 = [r["AP50"] for r in runs if "AP50" in r]  # rows reused from a results file have AP only
         table.append(
             {
                 "row": name,
@@ -70,7 +71,7 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
                 "AP_mean": statistics.mean(aps) if aps else None,
                 "AP_spread": (max(aps) - min(aps)) if len(aps) > 1 else None,
                 "AP_all": aps,
-                "AP50_mean": statistics.mean(r["AP50"] for r in runs if "AP" in r) if aps else None,
+                "AP50_mean": statistics.mean(ap50) if ap50 else None,
                 "epoch_seconds_mean": statistics.mean(secs) if secs else None,
             }
         )
@@ -124,11 +125,13 @@ def run_accuracy(
     overrides: list[str] | None = None,
     selected: bool = False,
     json_path: str | Path | None = None,
+    reuse: str | Path | None = None,
 ) -> list[dict]:
     """``store``: one store directory for every method's stored row, or {method or "*": directory}
     (e.g. GKD from a store with importance maps). ``selected`` adds "M (selected online)" rows: the
     store's selection applied to the live teacher, i.e. the stored loss without the store (tells
-    selection from storage effects)."""
+    selection from storage effects). ``reuse``: take the student and online rows from that earlier
+    results file instead of training them (checked comparable first: ``detkd.bench.reuse``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # a typo fails now, not after the student's run
@@ -145,11 +148,23 @@ def run_accuracy(
         for m in methods:
             if store_for(m, stores):
                 policy = json.dumps(StoreReader(store_for(m, stores)).policy.to_dict())
-                overrides = (f"distill.online_selection={policy}",)
-                rows.append(Row(f"{m} (selected online)", m, teacher, overrides, kind="selected online"))
+                selection = (f"distill.online_selection={policy}",)
+                rows.append(Row(f"{m} (selected online)", m, teacher, selection, kind="selected online"))
+    reused: dict[str, list[dict]] = {}
+    source = None
+    if reuse is not None:
+        from detkd.bench.reuse import reused_results
+
+        reused, source = reused_results(
+            reuse, recipe=recipe, teacher=teacher, seeds=seeds, overrides=list(overrides or []), methods=methods
+        )
+        log.info("bench accuracy: rows %s taken from %s", ", ".join(sorted(reused)), reuse)
     results: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: a partial benchmark already has every row once
         for row in rows:
+            if row.name in reused:
+                results.setdefault(row.name, []).append(reused[row.name][seeds.index(seed)])
+                continue
             log.info("bench accuracy: %s, seed %d", row.name, seed)
             try:
                 metrics = run_row(row, recipe_path=recipe, seed=seed, out_dir=out, overrides=overrides or [])
@@ -161,7 +176,10 @@ def run_accuracy(
             (out / "accuracy.json").write_text(dumps({"table": table, "runs": results}, indent=2, default=str))
             (out / "accuracy.md").write_text(format_table(table))
     if json_path is not None:
-        write_json(json_path, accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds))
+        payload = accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds)
+        if source is not None:
+            payload["reused"] = source
+        write_json(json_path, payload)
     return summarise(results)
 
 
@@ -183,15 +201,15 @@ def accuracy_payload(
     groups, ``best`` compares the best stored method with the best online one (``within_spread``: the
     gap is at most the larger of their two seed spreads).
     """
-    from detkd.models.checkpoint import read_checkpoint
+    from detkd.bench.reuse import teacher_identity
 
-    teacher_ap = (read_checkpoint(teacher).get("metrics") or {}).get("AP")
+    teacher_sha, teacher_ap = teacher_identity(teacher)
     student = ap_summary([r.get("AP") for r in results["student"]])
     payload: dict = {
         **provenance(),
         "recipe": recipe,
         "seeds": list(seeds),
-        "teacher": {"checkpoint": teacher, "ap": None if teacher_ap is None else round(100 * teacher_ap, 2)},
+        "teacher": {"checkpoint": teacher, "ap": teacher_ap, "sha256": teacher_sha},
         "store": store,
         "student": {**student, "epoch_seconds": _mean_of(results["student"], "epoch_seconds")},
     }

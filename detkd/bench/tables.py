@@ -48,6 +48,13 @@ def accuracy_table(payload: dict) -> str:
     foot.append(f"AP = COCO AP@[.5:.95] x100 on the validation split; seeds {payload.get('seeds')}.")
     foot.append(f"Measured {payload.get('date', '?')[:10]} at commit `{str(payload.get('commit'))[:12]}` on")
     foot.append(f"{payload.get('machine', '?')} by `{payload.get('command', '?')}`.")
+    reused = payload.get("reused")
+    if reused:
+        foot.append(
+            f"Rows {', '.join(reused['rows'])} are not retrained: taken from `{Path(reused['file']).name}` (same "
+            f"recipe, overrides, seeds and teacher; measured {str(reused.get('date'))[:10]} at commit "
+            f"`{str(reused.get('commit'))[:12]}` by `{reused.get('command')}`)."
+        )
     return "\n".join(lines) + "\n\n" + " ".join(f for f in foot if f) + "\n"
 
 

@@ -65,6 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="also write the results JSON here (command, commit, date, machine, AP x100 per seed; default: none)",
     )
+    a.add_argument(
+        "--reuse",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="take the student and online rows from this earlier results file instead of training them "
+        "(refused unless same recipe, overrides, seeds and teacher); the new file names it as their source",
+    )
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
 
@@ -130,6 +137,7 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         selected=args.selected,
         json_path=args.json,
+        reuse=args.reuse,
     )
     from detkd.models.checkpoint import read_checkpoint
 

@@ -1,0 +1,106 @@
+"""Rows of an earlier results file reused by ``detkd bench accuracy --reuse FILE``.
+
+A stored-knowledge benchmark compares new rows (students from a store) with rows that are
+already measured and committed: the student alone and the methods online, same teacher, same
+recipe, same seeds. Retraining those is hours on a CPU. ``--reuse`` takes them from the file
+instead, only after checking that they are comparable: same recipe and overrides (read back
+from the file's recorded command), every requested seed present, and the same teacher (its
+sha256 when the file records one, else its recorded AP, which a retrained teacher reproduces
+only when training is bit-identical). The new results file names the source and its
+provenance, so a reader sees which rows were measured when.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from detkd.bench.results import read_json
+from detkd.errors import DetkdError
+
+log = logging.getLogger(__name__)
+
+
+class ReuseError(DetkdError):
+    """The earlier results file does not describe the same benchmark."""
+
+
+def source_overrides(command: str) -> tuple[str, list[str]]:
+    """The recipe and recipe overrides of a recorded ``detkd bench accuracy`` command."""
+    from detkd.cli import build_parser
+
+    tokens = shlex.split(command)
+    try:
+        args = build_parser().parse_args(tokens[1:])
+    except SystemExit:  # argparse has printed why
+        raise ReuseError(f"the recorded command does not parse as a detkd command: {command}") from None
+    if getattr(args, "recipe", None) is None or not hasattr(args, "overrides"):
+        raise ReuseError(f"the recorded command is not `detkd bench accuracy`: {command}")
+    return args.recipe, list(args.overrides)
+
+
+def teacher_identity(teacher: str | Path) -> tuple[str, float | None]:
+    """(sha256, AP x100 as recorded in the checkpoint, rounded as results files round it)."""
+    from detkd.models.checkpoint import read_checkpoint
+    from detkd.models.files import file_sha256
+
+    ap = (read_checkpoint(teacher).get("metrics") or {}).get("AP")
+    return file_sha256(teacher), None if ap is None else round(100 * ap, 2)
+
+
+def reused_results(
+    path: str | Path,
+    *,
+    recipe: str,
+    teacher: str | Path,
+    seeds: list[int],
+    overrides: list[str],
+    methods: list[str],
+) -> tuple[dict[str, list[dict]], dict]:
+    """``({row name: [run result per requested seed]}, provenance of the source)`` for the student
+    row and each requested method's online row the file holds; raises ReuseError when the file is
+    not comparable."""
+    src = read_json(path)
+    where = f"--reuse {path}"
+    if "command" not in src or "student" not in src:
+        raise ReuseError(f"{where}: not a `detkd bench accuracy` results file (no command or student row)")
+    src_recipe, src_overrides = source_overrides(src["command"])
+    if Path(src_recipe).name != Path(recipe).name:
+        raise ReuseError(f"{where}: measured with recipe {src_recipe}, this benchmark uses {recipe}")
+    if sorted(src_overrides) != sorted(overrides):
+        raise ReuseError(f"{where}: measured with overrides {src_overrides}, this benchmark uses {list(overrides)}")
+    missing = [s for s in seeds if s not in src["seeds"]]
+    if missing:
+        raise ReuseError(f"{where}: holds seeds {src['seeds']}, not {missing}")
+    sha, ap = teacher_identity(teacher)
+    recorded = src.get("teacher") or {}
+    if recorded.get("sha256"):
+        if recorded["sha256"] != sha:
+            there = recorded["sha256"][:12]
+            raise ReuseError(f"{where}: measured with another teacher (sha256 {there}, {teacher} is {sha[:12]})")
+    elif recorded.get("ap") is None or recorded["ap"] != ap:
+        raise ReuseError(f"{where}: teacher AP {recorded.get('ap')} there, {ap} for {teacher}: not the same teacher")
+    else:
+        log.warning("%s records no teacher sha256: the teacher is matched by its AP (%s) only", where, ap)
+
+    def runs(entry: dict) -> list[dict]:
+        out = []
+        for seed in seeds:
+            i = src["seeds"].index(seed)
+            ap_i = entry["ap"][i]
+            run: dict = {"AP": ap_i / 100.0} if ap_i is not None else {"error": f"failed in {path}"}
+            if entry.get("epoch_seconds") is not None:
+                run["epoch_seconds"] = entry["epoch_seconds"]  # the file keeps the mean over seeds only
+            weights = entry.get("weights")
+            if weights:
+                run["distill_weights"] = weights[i]
+            out.append(run)
+        return out
+
+    results = {"student": runs(src["student"])}
+    for method in methods:
+        if method in src.get("methods", {}):
+            results[f"{method} (online)"] = runs(src["methods"][method])
+    source = {key: src.get(key) for key in ("command", "commit", "date", "machine")}
+    return results, {"file": str(path), **source, "rows": sorted(results)}

@@ -1,0 +1,118 @@
+"""``detkd bench accuracy --reuse``: earlier rows are taken only from a comparable results file."""
+
+import json
+
+import pytest
+
+from detkd.bench import accuracy
+from detkd.bench.accuracy import run_accuracy
+from detkd.bench.reuse import ReuseError, reused_results
+from detkd.models.files import file_sha256
+
+COMMAND = (
+    "detkd bench accuracy --recipe configs/s.yaml --teacher /x/t.pt --methods cwd defeat --seeds 0 1 2 "
+    "--out runs/b --json r.json data.root=/d train.epochs=6"
+)
+
+
+def source_file(tmp_path, *, teacher_ap=25.0, sha256=None, command=COMMAND):
+    src = {
+        "command": command,
+        "commit": "abc123",
+        "date": "2026-12-02T17:15:20Z",
+        "machine": "m",
+        "seeds": [0, 1, 2],
+        "teacher": {"checkpoint": "/x/t.pt", "ap": teacher_ap, **({"sha256": sha256} if sha256 else {})},
+        "student": {"ap": [5.5, 5.0, 4.6], "mean": 5.03, "spread": 0.9, "epoch_seconds": 60.0},
+        "methods": {
+            "defeat": {
+                "ap": [12.3, None, 12.6],
+                "epoch_seconds": 42.0,
+                "weights": [{"defeat": 1}, None, {"defeat": 2}],
+            },
+        },
+    }
+    path = tmp_path / "src.json"
+    path.write_text(json.dumps(src))
+    return path
+
+
+@pytest.fixture
+def teacher(tmp_path, checkpoint_factory):
+    return checkpoint_factory(tmp_path / "t.pt", ["a", "b"], extra={"metrics": {"AP": 0.25}})
+
+
+def reuse(path, teacher, **kw):
+    args = dict(recipe="configs/s.yaml", teacher=teacher, seeds=[2, 0], overrides=["train.epochs=6", "data.root=/d"])
+    args.update(kw)
+    return reused_results(path, methods=["defeat", "cwd"], **args)
+
+
+def test_rows_of_the_requested_seeds_in_order(tmp_path, teacher):
+    results, source = reuse(source_file(tmp_path), teacher)
+    assert sorted(results) == ["defeat (online)", "student"]  # cwd is not in the file: it will be trained
+    assert [r["AP"] for r in results["student"]] == pytest.approx([0.046, 0.055])
+    assert results["defeat (online)"][0]["distill_weights"] == {"defeat": 2}
+    assert results["defeat (online)"][0]["epoch_seconds"] == 42.0
+    assert source["commit"] == "abc123" and source["command"] == COMMAND and source["rows"] == sorted(results)
+    failed = reuse(source_file(tmp_path), teacher, seeds=[1])[0]["defeat (online)"]
+    assert "error" in failed[0] and "AP" not in failed[0]  # a seed that failed there stays failed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(recipe="configs/other.yaml"), "measured with recipe configs/s.yaml"),
+        (dict(overrides=["train.epochs=8", "data.root=/d"]), "measured with overrides"),
+        (dict(seeds=[0, 3]), "not [3]"),
+    ],
+)
+def test_refuses_another_benchmark(tmp_path, teacher, change, message):
+    with pytest.raises(ReuseError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        reuse(source_file(tmp_path), teacher, **change)
+
+
+def test_teacher_matched_by_sha256_else_by_ap(tmp_path, teacher, caplog):
+    reuse(source_file(tmp_path, sha256=file_sha256(teacher)), teacher)
+    with pytest.raises(ReuseError, match="another teacher"):
+        reuse(source_file(tmp_path, sha256="0" * 64), teacher)
+    with pytest.raises(ReuseError, match="not the same teacher"):
+        reuse(source_file(tmp_path, teacher_ap=24.99), teacher)
+    reuse(source_file(tmp_path), teacher)  # AP 25.0 recorded both sides, no sha256 there
+    assert "matched by its AP" in caplog.text
+
+
+def test_refuses_a_file_that_is_not_an_accuracy_benchmark(tmp_path, teacher):
+    with pytest.raises(ReuseError, match="not `detkd bench accuracy`"):
+        reuse(source_file(tmp_path, command="detkd bench speed --quick"), teacher)
+    (tmp_path / "x.json").write_text(json.dumps({"step_seconds_median": {}}))
+    with pytest.raises(ReuseError, match="not a `detkd bench accuracy` results file"):
+        reuse(tmp_path / "x.json", teacher)
+
+
+def test_run_accuracy_trains_only_the_rows_not_reused(tmp_path, teacher, monkeypatch):
+    trained = []
+
+    def fake_run(row, *, seed, **kwargs):
+        trained.append((row.name, seed))
+        return {"AP": 0.07 + seed / 1000, "epoch_seconds": 1.0}
+
+    monkeypatch.setattr(accuracy, "run_row", fake_run)
+    out_json = tmp_path / "new.json"
+    run_accuracy(
+        recipe="configs/s.yaml",
+        teacher=str(teacher),
+        store=None,
+        methods=["defeat", "cwd"],
+        seeds=[0, 2],
+        out_dir=tmp_path / "out",
+        overrides=["data.root=/d", "train.epochs=6"],
+        json_path=out_json,
+        reuse=source_file(tmp_path),
+    )
+    assert trained == [("cwd (online)", 0), ("cwd (online)", 2)]
+    payload = json.loads(out_json.read_text())
+    assert payload["student"]["ap"] == [5.5, 4.6] and payload["methods"]["defeat"]["ap"] == [12.3, 12.6]
+    assert payload["methods"]["cwd"]["ap"] == [7.0, 7.2]
+    assert payload["reused"]["rows"] == ["defeat (online)", "student"] and payload["reused"]["commit"] == "abc123"
+    assert payload["teacher"]["sha256"] == file_sha256(teacher) and payload["teacher"]["ap"] == 25.0
