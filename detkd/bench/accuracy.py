@@ -30,7 +30,7 @@ class Row:
     method: str | None  # METHOD[:WEIGHT]; None = the student alone
     teacher: str | None  # checkpoint or store directory
     overrides: tuple[str, ...] = ()  # row-specific recipe overrides
-    kind: str = "online"  # online | stored | selected online
+    kind: str = "online"  # student | online | stored | selected online
 
 
 def method_entry(spec: str) -> str:
@@ -126,17 +126,24 @@ def run_accuracy(
     selected: bool = False,
     json_path: str | Path | None = None,
     reuse: str | Path | None = None,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """``store``: one store directory for every method's stored row, or {method or "*": directory}
     (e.g. GKD from a store with importance maps). ``selected`` adds "M (selected online)" rows: the
     store's selection applied to the live teacher, i.e. the stored loss without the store (tells
     selection from storage effects). ``reuse``: take the student and online rows from that earlier
-    results file instead of training them (checked comparable first: ``detkd.bench.reuse``)."""
+    results file instead of training them (checked comparable first: ``detkd.bench.reuse``). ``only``:
+    train just these row kinds (student, online, stored, selected), e.g. to split one benchmark over
+    several processes; a last call without it finds every run finished and writes the file."""
+    if only and json_path is not None:
+        from detkd.errors import DetkdError
+
+        raise DetkdError("--only trains part of the benchmark: write --json with a last call without --only")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # a typo fails now, not after the student's run
         method_entry(m)
-    rows = [Row("student", None, None)]
+    rows = [Row("student", None, None, kind="student")]
     rows += [Row(f"{m} (online)", m, teacher) for m in methods]
     stores = stores_by_method(store)
     rows += [Row(f"{m} (stored)", m, store_for(m, stores), kind="stored") for m in methods if store_for(m, stores)]
@@ -164,6 +171,8 @@ def run_accuracy(
         for row in rows:
             if row.name in reused:
                 results.setdefault(row.name, []).append(reused[row.name][seeds.index(seed)])
+                continue
+            if only and row.kind.split()[0] not in only:
                 continue
             log.info("bench accuracy: %s, seed %d", row.name, seed)
             try:

@@ -72,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="take the student and online rows from this earlier results file instead of training them "
         "(refused unless same recipe, overrides, seeds and teacher); the new file names it as their source",
     )
+    a.add_argument(
+        "--only",
+        nargs="+",
+        choices=["student", "online", "stored", "selected"],
+        default=None,
+        help="train only these rows (to split a benchmark over processes; a last call without --only "
+        "reuses every finished run and writes the JSON) (default: all rows)",
+    )
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)
 
@@ -138,6 +146,7 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         selected=args.selected,
         json_path=args.json,
         reuse=args.reuse,
+        only=args.only,
     )
     from detkd.models.checkpoint import read_checkpoint
 

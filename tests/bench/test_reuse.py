@@ -1,4 +1,4 @@
-"""``detkd bench accuracy --reuse``: earlier rows are taken only from a comparable results file."""
+"""``detkd bench accuracy --reuse`` (earlier rows only from a comparable results file) and ``--only``."""
 
 import json
 
@@ -116,3 +116,19 @@ def test_run_accuracy_trains_only_the_rows_not_reused(tmp_path, teacher, monkeyp
     assert payload["methods"]["cwd"]["ap"] == [7.0, 7.2]
     assert payload["reused"]["rows"] == ["defeat (online)", "student"] and payload["reused"]["commit"] == "abc123"
     assert payload["teacher"]["sha256"] == file_sha256(teacher) and payload["teacher"]["ap"] == 25.0
+
+
+def test_only_trains_the_named_row_kinds(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_run(row, *, seed, **kwargs):
+        trained.append((row.name, seed))
+        return {"AP": 0.05, "epoch_seconds": 1.0}
+
+    monkeypatch.setattr(accuracy, "run_row", fake_run)
+    args = dict(recipe="r.yaml", teacher="t.pt", store="s", methods=["cwd"], seeds=[0], out_dir=tmp_path / "o")
+    run_accuracy(**args, only=["stored"])
+    run_accuracy(**args, only=["student", "online"])
+    assert trained == [("cwd (stored)", 0), ("student", 0), ("cwd (online)", 0)]
+    with pytest.raises(Exception, match="last call without --only"):
+        run_accuracy(**args, only=["stored"], json_path=tmp_path / "x.json")
