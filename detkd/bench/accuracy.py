@@ -41,13 +41,25 @@ def method_entry(spec: str) -> str:
     return f"{{name: {name}, weight: {method_weight(weight, item=spec)}}}" if weight else f"{{name: {name}}}"
 
 
-def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
-    from detkd.runs import distill, train
+def run_dir_for(row: Row, seed: int, out_dir: Path) -> Path:
+    return out_dir / f"{row.name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
 
-    run_dir = out_dir / f"{row.name.replace(' ', '_').replace('(', '').replace(')', '')}-seed{seed}"
+
+def finished_run(run_dir: Path) -> dict | None:
+    """The final metrics of a run that finished and was evaluated, else None."""
     done = run_dir / "metrics.json"
     if done.is_file() and "AP" in json.loads(done.read_text())["last"]:
         return json.loads(done.read_text())["last"]
+    return None
+
+
+def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:
+    from detkd.runs import distill, train
+
+    run_dir = run_dir_for(row, seed, out_dir)
+    finished = finished_run(run_dir)
+    if finished is not None:
+        return finished
     extra = [f"train.seed={seed}", f"train.out={run_dir}", *overrides, *row.overrides]
     if row.method is not None:
         extra += [f"distill.teacher={row.teacher}", f"distill.methods=[{method_entry(row.method)}]"]
@@ -134,11 +146,8 @@ def run_accuracy(
     selection from storage effects). ``reuse``: take the student and online rows from that earlier
     results file instead of training them (checked comparable first: ``detkd.bench.reuse``). ``only``:
     train just these row kinds (student, online, stored, selected), e.g. to split one benchmark over
-    several processes; a last call without it finds every run finished and writes the file."""
-    if only and json_path is not None:
-        from detkd.errors import DetkdError
-
-        raise DetkdError("--only trains part of the benchmark: write --json with a last call without --only")
+    several processes; the other rows are read from their finished run directories, and a row with
+    no finished seed is left out."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # a typo fails now, not after the student's run
@@ -173,6 +182,8 @@ def run_accuracy(
                 results.setdefault(row.name, []).append(reused[row.name][seeds.index(seed)])
                 continue
             if only and row.kind.split()[0] not in only:
+                finished = finished_run(run_dir_for(row, seed, out))
+                results.setdefault(row.name, []).append(finished or {"error": "not run (--only)", "not_run": True})
                 continue
             log.info("bench accuracy: %s, seed %d", row.name, seed)
             try:
@@ -184,7 +195,12 @@ def run_accuracy(
             table = summarise(results)
             (out / "accuracy.json").write_text(dumps({"table": table, "runs": results}, indent=2, default=str))
             (out / "accuracy.md").write_text(format_table(table))
+    results = {name: runs for name, runs in results.items() if not all(r.get("not_run") for r in runs)}
     if json_path is not None:
+        if "student" not in results:
+            from detkd.errors import DetkdError
+
+            raise DetkdError(f"no finished student run in {out}: the results file compares every row with it")
         payload = accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds)
         if source is not None:
             payload["reused"] = source
@@ -223,7 +239,9 @@ def accuracy_payload(
         "student": {**student, "epoch_seconds": _mean_of(results["student"], "epoch_seconds")},
     }
     for row in rows[1:]:
-        runs = results.get(row.name, [])
+        if row.name not in results:
+            continue
+        runs = results[row.name]
         entry = ap_summary([r.get("AP") for r in runs])
         gain = None if entry["mean"] is None or student["mean"] is None else round(entry["mean"] - student["mean"], 2)
         entry.update(

@@ -77,8 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=["student", "online", "stored", "selected"],
         default=None,
-        help="train only these rows (to split a benchmark over processes; a last call without --only "
-        "reuses every finished run and writes the JSON) (default: all rows)",
+        help="train only these rows (e.g. to split a benchmark over processes); the other rows are read "
+        "from their finished runs in --out, and rows with none are left out (default: train every row)",
     )
     a.add_argument("overrides", nargs="*", help="recipe overrides applied to every run")
     a.set_defaults(func=run_accuracy_cmd)

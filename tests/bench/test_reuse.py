@@ -121,14 +121,37 @@ def test_run_accuracy_trains_only_the_rows_not_reused(tmp_path, teacher, monkeyp
 def test_only_trains_the_named_row_kinds(tmp_path, monkeypatch):
     trained = []
 
-    def fake_run(row, *, seed, **kwargs):
+    def fake_run(row, *, seed, out_dir, **kwargs):  # like run_row: a finished run is read, not trained
+        run = accuracy.run_dir_for(row, seed, out_dir)
+        if accuracy.finished_run(run) is not None:
+            return accuracy.finished_run(run)
         trained.append((row.name, seed))
-        return {"AP": 0.05, "epoch_seconds": 1.0}
+        run.mkdir(parents=True)
+        last = {"AP": 0.05 + len(trained) / 100, "epoch_seconds": 1.0}
+        (run / "metrics.json").write_text(json.dumps({"last": last}))
+        return last
 
     monkeypatch.setattr(accuracy, "run_row", fake_run)
-    args = dict(recipe="r.yaml", teacher="t.pt", store="s", methods=["cwd"], seeds=[0], out_dir=tmp_path / "o")
-    run_accuracy(**args, only=["stored"])
-    run_accuracy(**args, only=["student", "online"])
-    assert trained == [("cwd (stored)", 0), ("student", 0), ("cwd (online)", 0)]
-    with pytest.raises(Exception, match="last call without --only"):
-        run_accuracy(**args, only=["stored"], json_path=tmp_path / "x.json")
+    monkeypatch.setattr(accuracy, "store_summary", lambda path: {"path": path})
+    args = dict(recipe="r.yaml", teacher="t.pt", store="s", seeds=[0], out_dir=tmp_path / "o")
+    with pytest.raises(Exception, match="no finished student run"):
+        run_accuracy(**args, methods=["cwd"], only=["stored"], json_path=tmp_path / "x.json")
+    run_accuracy(**args, methods=["cwd"], only=["student"])
+    run_accuracy(**args, methods=["cwd", "mgd"], only=["online"])
+    assert trained == [("cwd (stored)", 0), ("student", 0), ("cwd (online)", 0), ("mgd (online)", 0)]
+    # A last call trains the mgd stored row and reads the rest; rows never run are left out.
+    teacher_identity = ("0" * 64, 25.0)
+    monkeypatch.setattr("detkd.bench.reuse.teacher_identity", lambda t: teacher_identity)
+    table = run_accuracy(**args, methods=["cwd", "mgd", "fgd"], only=["stored"], json_path=tmp_path / "x.json")
+    assert trained[-2:] == [("mgd (stored)", 0), ("fgd (stored)", 0)]
+    assert [t["row"] for t in table] == [
+        "student",
+        "cwd (online)",
+        "mgd (online)",
+        "cwd (stored)",
+        "mgd (stored)",
+        "fgd (stored)",
+    ]
+    payload = json.loads((tmp_path / "x.json").read_text())
+    assert sorted(payload["methods"]) == ["cwd", "mgd"] and sorted(payload["stored"]) == ["cwd", "fgd", "mgd"]
+    assert payload["student"]["ap"] == [7.0] and payload["stored"]["cwd"]["ap"] == [6.0]
