@@ -202,6 +202,7 @@ def run_accuracy(
 
             raise DetkdError(f"no finished student run in {out}: the results file compares every row with it")
         payload = accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds)
+        payload["overrides"] = list(overrides or [])
         if source is not None:
             payload["reused"] = source
         write_json(json_path, payload)

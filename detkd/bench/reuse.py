@@ -26,18 +26,17 @@ class ReuseError(DetkdError):
     """The earlier results file does not describe the same benchmark."""
 
 
-def source_overrides(command: str) -> tuple[str, list[str]]:
-    """The recipe and recipe overrides of a recorded ``detkd bench accuracy`` command."""
-    from detkd.cli import build_parser
+def source_overrides(src: dict) -> list[str]:
+    """The recipe overrides an earlier results file was measured with: recorded since the field
+    existed, else read back from its command (the tokens that set a recipe section, e.g.
+    ``train.epochs=6``; ``--store METHOD=DIR`` values name no section)."""
+    if src.get("overrides") is not None:
+        return list(src["overrides"])
+    from detkd.config import Recipe
 
-    tokens = shlex.split(command)
-    try:
-        args = build_parser().parse_args(tokens[1:])
-    except SystemExit:  # argparse has printed why
-        raise ReuseError(f"the recorded command does not parse as a detkd command: {command}") from None
-    if getattr(args, "recipe", None) is None or not hasattr(args, "overrides"):
-        raise ReuseError(f"the recorded command is not `detkd bench accuracy`: {command}")
-    return args.recipe, list(args.overrides)
+    sections = set(Recipe.model_fields)
+    tokens = shlex.split(src["command"])
+    return [t for t in tokens if "=" in t and not t.startswith("-") and t.split("=")[0].split(".")[0] in sections]
 
 
 def teacher_identity(teacher: str | Path) -> tuple[str, float | None]:
@@ -63,9 +62,9 @@ def reused_results(
     not comparable."""
     src = read_json(path)
     where = f"--reuse {path}"
-    if "command" not in src or "student" not in src:
-        raise ReuseError(f"{where}: not a `detkd bench accuracy` results file (no command or student row)")
-    src_recipe, src_overrides = source_overrides(src["command"])
+    if not all(key in src for key in ("command", "recipe", "seeds", "student")):
+        raise ReuseError(f"{where}: not a `detkd bench accuracy` results file (no command, recipe or student row)")
+    src_recipe, src_overrides = src["recipe"], source_overrides(src)
     if Path(src_recipe).name != Path(recipe).name:
         raise ReuseError(f"{where}: measured with recipe {src_recipe}, this benchmark uses {recipe}")
     if sorted(src_overrides) != sorted(overrides):

@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RESULTS_JSON",
         help="take the student and online rows from this earlier results file instead of training them "
-        "(refused unless same recipe, overrides, seeds and teacher); the new file names it as their source",
+        "(refused unless same recipe, overrides, seeds and teacher); the new file names it as their source "
+        "(default: none, every row is trained)",
     )
     a.add_argument(
         "--only",

@@ -15,9 +15,10 @@ COMMAND = (
 )
 
 
-def source_file(tmp_path, *, teacher_ap=25.0, sha256=None, command=COMMAND):
+def source_file(tmp_path, *, teacher_ap=25.0, sha256=None, command=COMMAND, **fields):
     src = {
         "command": command,
+        "recipe": "configs/s.yaml",
         "commit": "abc123",
         "date": "2026-12-02T17:15:20Z",
         "machine": "m",
@@ -32,6 +33,7 @@ def source_file(tmp_path, *, teacher_ap=25.0, sha256=None, command=COMMAND):
             },
         },
     }
+    src.update(fields)
     path = tmp_path / "src.json"
     path.write_text(json.dumps(src))
     return path
@@ -82,9 +84,16 @@ def test_teacher_matched_by_sha256_else_by_ap(tmp_path, teacher, caplog):
     assert "matched by its AP" in caplog.text
 
 
+def test_overrides_recorded_or_read_back_from_the_command(tmp_path, teacher):
+    with_store = COMMAND.replace("--methods", "--store gkd=stores/imp --methods")  # METHOD=DIR is no override
+    reuse(source_file(tmp_path, command=with_store), teacher)
+    recorded = source_file(tmp_path, command="detkd bench accuracy ...", overrides=["train.epochs=6", "data.root=/d"])
+    reuse(recorded, teacher)
+    with pytest.raises(ReuseError, match="measured with overrides"):
+        reuse(source_file(tmp_path, overrides=["train.epochs=7"]), teacher)
+
+
 def test_refuses_a_file_that_is_not_an_accuracy_benchmark(tmp_path, teacher):
-    with pytest.raises(ReuseError, match="not `detkd bench accuracy`"):
-        reuse(source_file(tmp_path, command="detkd bench speed --quick"), teacher)
     (tmp_path / "x.json").write_text(json.dumps({"step_seconds_median": {}}))
     with pytest.raises(ReuseError, match="not a `detkd bench accuracy` results file"):
         reuse(tmp_path / "x.json", teacher)
@@ -116,6 +125,7 @@ def test_run_accuracy_trains_only_the_rows_not_reused(tmp_path, teacher, monkeyp
     assert payload["methods"]["cwd"]["ap"] == [7.0, 7.2]
     assert payload["reused"]["rows"] == ["defeat (online)", "student"] and payload["reused"]["commit"] == "abc123"
     assert payload["teacher"]["sha256"] == file_sha256(teacher) and payload["teacher"]["ap"] == 25.0
+    assert payload["overrides"] == ["data.root=/d", "train.epochs=6"]  # what a later --reuse compares
 
 
 def test_only_trains_the_named_row_kinds(tmp_path, monkeypatch):
