@@ -77,11 +77,14 @@ def _store_lines(payload: dict) -> list[str]:
     best = payload.get("best") or {}
     if best:
         on, st = best["online"], best["stored"]
-        verdict = "within" if best["within_spread"] else "not within"
+        if best["gap"] < 0:
+            verdict = f"the store is ahead by {_pts(-best['gap'])}"
+        else:
+            within = "within" if best["within_spread"] else "not within"
+            verdict = f"gap {_pts(best['gap'])}, {within} the larger seed spread"
         out.append(
             f"Best from the store: {st['method']} {_pts(st['mean'])} (spread {_pts(st['spread'])}); best online: "
-            f"{on['method']} {_pts(on['mean'])} (spread {_pts(on['spread'])}); gap {_pts(best['gap'])}, {verdict} "
-            "the larger seed spread."
+            f"{on['method']} {_pts(on['mean'])} (spread {_pts(on['spread'])}); {verdict}."
         )
     return out
 

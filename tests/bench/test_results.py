@@ -140,3 +140,9 @@ def test_stored_rows_name_their_store_and_the_best_comparison(tmp_path, monkeypa
     assert "Store for gkd: lowrank rank 16 int4, with GKD importance maps, 3000 B per image-view = 3.44 %" in table
     assert "(projected at COCO scale: 174.5 KB per image-view)" in table
     assert "gap 2.7, not within the larger seed spread" in table
+    results["cwd (stored)"] = [{"AP": 0.13}, {"AP": 0.13}]  # 13.0: ahead of the best online (12.25)
+    write_json(
+        tmp_path / "store.json",
+        accuracy_payload(rows, results, recipe="r.yaml", teacher=str(ckpt), store=stores, seeds=[0, 1]),
+    )
+    assert "best online: cwd 12.2 (spread 0.5); the store is ahead by 0.8." in render(tmp_path / "store.json")
