@@ -48,9 +48,8 @@ def run_dir_for(row: Row, seed: int, out_dir: Path) -> Path:
 def finished_run(run_dir: Path) -> dict | None:
     """The final metrics of a run that finished and was evaluated, else None."""
     done = run_dir / "metrics.json"
-    if done.is_file() and "AP" in json.loads(done.read_text())["last"]:
-        return json.loads(done.read_text())["last"]
-    return None
+    last = json.loads(done.read_text())["last"] if done.is_file() else {}
+    return last if "AP" in last else None
 
 
 def run_row(row: Row, *, recipe_path: str, seed: int, out_dir: Path, overrides: list[str]) -> dict:

@@ -3,8 +3,9 @@
 A stored-knowledge benchmark compares new rows (students from a store) with rows that are
 already measured and committed: the student alone and the methods online, same teacher, same
 recipe, same seeds. Retraining those is hours on a CPU. ``--reuse`` takes them from the file
-instead, only after checking that they are comparable: same recipe and overrides (read back
-from the file's recorded command), every requested seed present, and the same teacher (its
+instead, only after checking that they are comparable: same recipe and overrides (as the file
+records them, or read back from its command for files older than that field), every requested
+seed present, and the same teacher (its
 sha256 when the file records one, else its recorded AP, which a retrained teacher reproduces
 only when training is bit-identical). The new results file names the source and its
 provenance, so a reader sees which rows were measured when.
