@@ -75,9 +75,10 @@ class LevelAdapters(nn.ModuleDict):
     def adapt(self, level: str, x: Tensor, teacher: TeacherKnowledge | None = None) -> Tensor:
         """Dense student map [N, Cs, H, W] -> teacher space [N, Ct, H, W], in the form ``teacher``'s
         knowledge has (``TeacherKnowledge.match``: channel-pooled to Ct / channel_group, or projected
-        onto a stored low-rank basis)."""
-        out = self[level](x)
-        return out if teacher is None else teacher.match(level, out)
+        onto a stored low-rank basis, or its coefficients: the adapter conv is then folded with the basis)."""
+        if teacher is None:
+            return self[level](x)
+        return teacher.match_conv(level, self[level], x)
 
     def adapt_cells(self, level: str, x: Tensor, cells: SparseCells, *, channel_group: int = 1) -> Tensor:
         """Student vectors in teacher space at the cells' positions, [K, Ct / channel_group].

@@ -63,11 +63,15 @@ class DistillMethod(nn.Module):
     ``needs``: kinds of knowledge it uses (``detkd.knowledge.KNOWLEDGE_KINDS``). ``sparse_ok``:
     the method can also run from SparseCells (position-wise losses only); such a method gets
     ``teacher.cells`` instead of ``teacher.features`` when the store holds sparse cells.
+    ``coefficient_ok``: its loss reads dense teacher maps only through squared distances over
+    channels to student maps passed through ``match``/``match_conv`` (per-cell weights allowed,
+    per-channel ones not), so a lowrank store may serve its coefficient maps unreconstructed.
     """
 
     name: ClassVar[str] = "base"
     needs: ClassVar[frozenset[str]] = frozenset({"features"})
     sparse_ok: ClassVar[bool] = False
+    coefficient_ok: ClassVar[bool] = False
 
     def __init__(self, *, levels: dict[str, LevelSpec]) -> None:
         super().__init__()

@@ -64,6 +64,7 @@ class DeFeat(DistillMethod):
 
     needs = frozenset({"features", "boxes"})
     sparse_ok = False
+    coefficient_ok = True  # squared distances with per-cell masks
 
     def __init__(
         self,
@@ -105,6 +106,7 @@ class DeFeat(DistillMethod):
             t = teacher_feature(teacher, lvl, method=self.name)
             s = self.adapters.adapt(lvl, student[lvl], teacher).float()
             _, c, h, w = s.shape
+            c = teacher.full_channels(lvl, c)
             mask = box_masks([b.to(s.device) for b in per_level[index]], self.levels[lvl].stride, h, w)[:, None]
             sq = (s - t).pow(2)
             fg_total.append((sq * mask).sum() / (2 * mask.sum() * c).clamp(min=1))

@@ -41,6 +41,7 @@ class FitNet(DistillMethod):
 
     needs = frozenset({"features"})
     sparse_ok = True
+    coefficient_ok = True
 
     def __init__(
         self,
@@ -65,7 +66,10 @@ class FitNet(DistillMethod):
             else:
                 t = teacher_feature(teacher, lvl, method=self.name)
                 s = self.adapters.adapt(lvl, student[lvl], teacher).float()
-                loss = F.mse_loss(s, t)
+                if teacher.in_coefficients(lvl):  # the mean over N*C'*H*W of the reconstructed maps' width C'
+                    loss = F.mse_loss(s, t, reduction="sum") / (s[:, 0].numel() * teacher.full_channels(lvl, 0))
+                else:
+                    loss = F.mse_loss(s, t)
             out[f"fitnet.{lvl}"] = self.weight * loss
         return out
 

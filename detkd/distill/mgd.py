@@ -54,6 +54,7 @@ class MGD(DistillMethod):
 
     needs = frozenset({"features"})
     sparse_ok = False  # the generator's 3x3 convolutions need whole maps
+    coefficient_ok = True  # a summed squared distance; the generator's last conv folds with the basis
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class MGD(DistillMethod):
             aligned = self.adapters[lvl](student[lvl])  # full teacher width: the generator works there
             n, _, h, w = aligned.shape
             masked = aligned * random_cell_mask(n, h, w, self.mask_ratio, like=aligned)
-            generated = teacher.match(lvl, self.generators[lvl](masked)).float()
+            first, relu, last = self.generators[lvl]
+            generated = teacher.match_conv(lvl, last, relu(first(masked))).float()
             out[f"mgd.{lvl}"] = self.alpha * (generated - t).pow(2).sum() / n
         return out

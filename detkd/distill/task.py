@@ -88,6 +88,8 @@ class DistillationTask(nn.Module):
         if modes and hasattr(teacher, "importance_mode"):  # a live teacher builds Grad-CAM the way gkd asks
             teacher.importance_mode = dict(modes[0])
         self.needs = frozenset().union(*(m.needs for m in methods.values()))
+        if all(m.coefficient_ok for m in methods.values()):  # lowrank stores may skip reconstructing maps
+            self.needs |= {"coefficients"}
         self.step = 0
         self.zero_steps = 0
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from detkd.data.loader import Batch
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
 #   importance: the teacher's Grad-CAM maps (GKD), spatial [B, 1, H, W] and channel [B, C]
 #   boxes: the ground truth (``DistillContext.targets``)
 #   student_importance: the student's own Grad-CAM maps (GKD's parity mode)
-KNOWLEDGE_KINDS = frozenset({"features", "importance", "boxes", "student_importance"})
+#   coefficients: not a need but a permission, added by the distillation task when every method has
+#   ``coefficient_ok``: a lowrank store may then serve its coefficient maps as they are (no reconstruction)
+KNOWLEDGE_KINDS = frozenset({"features", "importance", "boxes", "student_importance", "coefficients"})
 
 
 @dataclass
@@ -68,8 +71,13 @@ class TeacherKnowledge:
 
     ``channel_group`` > 1 means stored features were compressed by grouped channel max
     pooling (C -> C/r); ``bases`` means dense maps were kept as low-rank coefficients and are
-    served reconstructed (full width C). Either way methods compare like with like by passing
-    their adapted student maps through ``match``.
+    served reconstructed (full width C), or, with ``coefficients``, as the coefficient maps
+    themselves ([B, rank, H, W]; padding holds the coefficients of a zero map, what the
+    reconstructed form holds there). Either way methods compare like with like by passing their
+    adapted student maps through ``match`` (or ``match_conv``). In coefficient form a squared
+    distance over channels equals the reconstructed one plus a constant (the basis is
+    orthonormal), so its gradients are the same at rank / C of the cost; ``full_channels`` gives
+    the width a per-channel mean divides by.
     """
 
     features: dict[str, Tensor] | None = None  # dense [B, C', H, W] per level
@@ -78,15 +86,42 @@ class TeacherKnowledge:
     channel_importance: dict[str, Tensor] | None = None  # GKD channel weights w_k [B, C]
     channel_group: int = 1
     bases: dict[str, ChannelBasis] | None = None
+    coefficients: bool = False  # levels with a basis hold its coefficient maps, not reconstructed maps
+
+    def in_coefficients(self, level: str) -> bool:
+        return self.coefficients and bool(self.bases) and level in self.bases
 
     def match(self, level: str, x: Tensor, dim: int = 1) -> Tensor:
         """An adapted student map (teacher width) in the form the teacher knowledge has: grouped
-        channel max pooling and/or projection onto the level's stored basis, so that the student is
-        compared with what the store kept of the teacher, not penalised for what it dropped."""
+        channel max pooling and/or projection onto the level's stored basis (its coefficients, in
+        coefficient form), so that the student is compared with what the store kept of the teacher,
+        not penalised for what it dropped."""
         x = channel_group_max(x, self.channel_group, dim)
         if self.bases and level in self.bases:
-            x = self.bases[level].project(x, dim)
+            basis = self.bases[level]
+            x = basis.coefficients(x, dim) if self.coefficients else basis.project(x, dim)
         return x
+
+    def match_conv(self, level: str, conv: nn.Module, x: Tensor) -> Tensor:
+        """``match(level, conv(x))`` for an NCHW map. In coefficient form a convolution into the
+        teacher's width is folded with the basis into one convolution straight to the rank's
+        channels (same numbers, rank / C of the work); otherwise the convolution runs as it is."""
+        foldable = isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and self.channel_group == 1
+        if not (foldable and self.in_coefficients(level)):
+            return self.match(level, conv(x))
+        basis = self.bases[level]
+        b = basis.basis.to(conv.weight)  # [C, r]
+        weight = torch.einsum("cr,cikl->rikl", b, conv.weight)
+        mean = basis.mean.to(conv.weight)
+        bias = (-mean if conv.bias is None else conv.bias - mean) @ b
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def full_channels(self, level: str, compared: int) -> int:
+        """The channel count a per-channel mean over ``compared`` channels divides by: the teacher's
+        full width in coefficient form (so the loss keeps its reconstructed scale), else ``compared``."""
+        if self.in_coefficients(level):
+            return int(self.bases[level].basis.shape[0])
+        return compared
 
 
 @dataclass(frozen=True)

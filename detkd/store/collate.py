@@ -21,17 +21,20 @@ def collate_knowledge(
     channel_group: int,
     device: torch.device | str | None = None,
     bases: dict[str, ChannelBasis] | None = None,
+    coefficients: bool = False,
 ) -> TeacherKnowledge:
     """Per-sample records of one batch (sample i = batch index i) -> TeacherKnowledge.
 
     Sparse levels become SparseCells (int64 yx, float32 values and score, batch_index concatenated
     in sample order). Dense levels become float32 [B, C', H, W] with each stored valid region placed
     top-left, zeros elsewhere (mask the padding with ``valid_cell_mask``). Coefficient maps (lowrank)
-    are reconstructed on the level's ``bases`` entry first, and the bases travel with the knowledge so
-    methods can project the student alike. A None record or a missing level contributes no cells; a
-    dense level needs a record for every sample.
+    are reconstructed on the level's ``bases`` entry first, or with ``coefficients`` served as they are
+    (padding: the coefficients of a zero map, so both forms describe the same canvas); the bases travel
+    with the knowledge so methods can project the student alike. A None record or a missing level
+    contributes no cells; a dense level needs a record for every sample.
     """
     levels = list(dict.fromkeys([lv for r in records if r for lv in r]))
+    served_coefficients: set[str] = set()
     cells: dict[str, SparseCells] = {}
     dense: dict[str, torch.Tensor] = {}
     for level in levels:
@@ -45,9 +48,16 @@ def collate_knowledge(
             if level not in feature_shapes:
                 raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
             h, w = feature_shapes[level]
-            maps = [(i, _whole_map(level, rec, bases)) for i, rec in present]
-            c = maps[0][1].shape[0]
-            out = torch.zeros((len(records), c, h, w), dtype=torch.float32)
+            if coefficients and all(rec.coefficients is not None for _, rec in present):
+                basis = _basis(level, present[0][1], bases)
+                maps = [(i, rec.coefficients) for i, rec in present]
+                zero = basis.coefficients(torch.zeros(1, basis.basis.shape[0]), dim=1)[0]  # a zero map's coefficients
+                out = zero[None, :, None, None].expand(len(records), -1, h, w).contiguous()
+                served_coefficients.add(level)
+            else:
+                maps = [(i, _whole_map(level, rec, bases)) for i, rec in present]
+                out = torch.zeros((len(records), maps[0][1].shape[0], h, w), dtype=torch.float32)
+            c = out.shape[1]
             for i, d in maps:
                 if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
                     raise StoreError(
@@ -69,7 +79,15 @@ def collate_knowledge(
             score=torch.cat([rec.score.float() for _, rec in present]) if present and with_score else None,
         )
     used = {lv: b for lv, b in (bases or {}).items() if lv in dense} or None
-    knowledge = TeacherKnowledge(features=dense or None, cells=cells or None, channel_group=channel_group, bases=used)
+    if served_coefficients and served_coefficients != set(used or ()):
+        raise StoreError(f"levels {sorted(set(used or ()) - served_coefficients)} hold maps, others coefficients")
+    knowledge = TeacherKnowledge(
+        features=dense or None,
+        cells=cells or None,
+        channel_group=channel_group,
+        bases=used,
+        coefficients=bool(served_coefficients),
+    )
     if device is not None:
         knowledge = _to_device(knowledge, device)
     return knowledge
@@ -89,20 +107,27 @@ def _to_device(k: TeacherKnowledge, device: torch.device | str) -> TeacherKnowle
             for lv, c in k.cells.items()
         }
     bases = {lv: b.to(device) for lv, b in k.bases.items()} if k.bases else None
-    return TeacherKnowledge(features=features, cells=cells, channel_group=k.channel_group, bases=bases)
+    return TeacherKnowledge(
+        features=features, cells=cells, channel_group=k.channel_group, bases=bases, coefficients=k.coefficients
+    )
 
 
 def _whole_map(level: str, rec: LevelRecord, bases: dict[str, ChannelBasis] | None) -> torch.Tensor:
     """A dense record's valid map [C', h, w]: as stored, or reconstructed from its coefficients."""
     if rec.coefficients is None:
         return rec.dense
+    return _basis(level, rec, bases).reconstruct(rec.coefficients.float(), dim=0)
+
+
+def _basis(level: str, rec: LevelRecord, bases: dict[str, ChannelBasis] | None) -> ChannelBasis:
+    """The basis a coefficient record is decoded on, checked against the record's rank."""
     basis = (bases or {}).get(level)
     if basis is None:
         raise StoreError(f"level {level!r} holds low-rank coefficients but no basis was given to decode them")
     if rec.coefficients.shape[0] != basis.rank:
         rank = rec.coefficients.shape[0]
         raise StoreError(f"level {level!r}: {rank} coefficients per cell but a basis of rank {basis.rank}")
-    return basis.reconstruct(rec.coefficients.float(), dim=0)
+    return basis
 
 
 def collate_importance(

@@ -195,9 +195,16 @@ class StoreReader:
         *,
         feature_shapes: dict[str, tuple[int, int]] | None = None,
         device: torch.device | str | None = None,
+        coefficients: bool = False,
     ) -> TeacherKnowledge:
-        """Collate one batch's records (``feature_shapes`` defaults to the manifest's canvas)."""
+        """Collate one batch's records (``feature_shapes`` defaults to the manifest's canvas); a lowrank
+        store's maps are served as coefficients when ``coefficients`` allows (see ``collate_knowledge``)."""
         shapes = feature_shapes or {k: tuple(v) for k, v in self.manifest.feature_shapes.items()}
         return collate_knowledge(
-            records, feature_shapes=shapes, channel_group=self.channel_group, device=device, bases=self.bases
+            records,
+            feature_shapes=shapes,
+            channel_group=self.channel_group,
+            device=device,
+            bases=self.bases,
+            coefficients=coefficients,
         )

@@ -36,7 +36,9 @@ class StoredTeacher:
         if batch.knowledge is None:
             raise RuntimeError("batch carries no stored knowledge: the dataset has no knowledge provider")
         sizes = level_sizes(batch.images.shape[-2:], self.strides)
-        knowledge = self.reader.to_knowledge(batch.knowledge, feature_shapes=sizes, device=batch.images.device)
+        knowledge = self.reader.to_knowledge(
+            batch.knowledge, feature_shapes=sizes, device=batch.images.device, coefficients="coefficients" in needs
+        )
         if "importance" in needs:
             knowledge.importance, knowledge.channel_importance = collate_importance(
                 batch.knowledge, sizes, batch.images.device

@@ -218,6 +218,21 @@ def test_methods_are_checked_against_a_lowrank_store_before_training(tmp_path, t
     assert knowledge.features["p3"].shape == (1, 16, 8, 8) and knowledge.importance["p3"].shape == (1, 1, 8, 8)
 
 
+def test_stored_teacher_serves_coefficients_when_the_task_allows(tmp_path, tiny_source, teacher_ckpt):
+    ckpt, _ = teacher_ckpt
+    build(tmp_path, tiny_source, ckpt, "s", policy=SelectionPolicy(name="lowrank", rank=2, fit_views=4))
+    reader = StoreReader(tmp_path / "s")
+    record = reader.read(tiny_source.records[1].image_id, View(64))
+    batch = dataclasses.replace(replay(tiny_source, 1, View(64)), knowledge=[record])
+    teacher = StoredTeacher(reader)
+    maps = teacher.knowledge(batch, frozenset({"features"}))
+    coef = teacher.knowledge(batch, frozenset({"features", "coefficients"}))
+    assert not maps.coefficients and coef.coefficients
+    assert maps.features["p3"].shape == (1, 16, 8, 8) and coef.features["p3"].shape == (1, 2, 8, 8)
+    for lv, basis in coef.bases.items():
+        torch.testing.assert_close(basis.reconstruct(coef.features[lv]), basis.project(maps.features[lv]))
+
+
 def test_mirrored_and_collated_coefficients():
     basis = random_basis(6, 2)
     c = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4).half()
