@@ -78,8 +78,8 @@ def pack_int4(q: Tensor, *, dim: int) -> Tensor:
 def unpack_int4(packed: Tensor, *, dim: int) -> Tensor:
     """Inverse of ``pack_int4``."""
     p = packed.movedim(dim, 0)
-    both = torch.stack([p & 15, p >> 4], dim=1).reshape(2 * p.shape[0], *p.shape[1:])
-    return (both.to(torch.int16) - 8).to(torch.int8).movedim(0, dim).contiguous()
+    low, high = (p & 15).view(torch.int8) - 8, (p >> 4).view(torch.int8) - 8  # nibbles < 16: exact in int8
+    return torch.stack([low, high], dim=1).reshape(2 * p.shape[0], *p.shape[1:]).movedim(0, dim).contiguous()
 
 
 def _encode_values(x: Tensor, *, dim: int, value_dtype: str) -> tuple[Tensor, Tensor | None]:

@@ -27,8 +27,16 @@ _readonly: dict[str, lmdb.Environment] = {}
 _owner_pid = os.getpid()
 
 
+_realpaths: dict[str, str] = {}
+
+
 def _key(path: str | Path) -> str:
-    return os.path.realpath(path)
+    # realpath walks the path's components on every call; loader workers ask once per record
+    name = os.fspath(path)
+    key = _realpaths.get(name)
+    if key is None:
+        key = _realpaths[name] = os.path.realpath(name)
+    return key
 
 
 def _drop_inherited() -> None:
