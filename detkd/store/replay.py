@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from detkd.data.formats.base import DetectionSource
 from detkd.data.sample import ImageRecord
@@ -121,13 +121,13 @@ class StoredViews:
     mirror_flips: bool
     sizes: tuple[int, ...] | None = None  # the run's data.sizes: replay only these scales (None: all)
     flips: bool = True  # False when the run disables flipping (data.flip_prob=0)
+    # image id -> its servable views; a finished store does not change, and each epoch asks again
+    _cache: dict[int, list[View]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, record: ImageRecord, rng: random.Random) -> View:
-        views = self.reader.views_for(record.image_id)
-        if self.mirror_flips:  # the manifest's flipped views are served by mirroring their unflipped record
-            listed = {View.from_dict(v) for v in self.reader.manifest.views}
-            views = sorted(set(views) | ({View(size=v.size, flip=True) for v in views} & listed))
-        views = [v for v in views if (self.sizes is None or v.size in self.sizes) and (self.flips or not v.flip)]
+        views = self._cache.get(record.image_id)
+        if views is None:
+            views = self._cache[record.image_id] = self._servable(record.image_id)
         if not views:
             raise StoreError(
                 f"{self.reader.path}: no stored view of image {record.image_id} ({record.file}) fits this run "
@@ -135,6 +135,13 @@ class StoredViews:
                 "`detkd store build` to complete it"
             )
         return views[rng.randrange(len(views))]
+
+    def _servable(self, image_id: int) -> list[View]:
+        views = self.reader.views_for(image_id)
+        if self.mirror_flips:  # the manifest's flipped views are served by mirroring their unflipped record
+            listed = {View.from_dict(v) for v in self.reader.manifest.views}
+            views = sorted(set(views) | ({View(size=v.size, flip=True) for v in views} & listed))
+        return [v for v in views if (self.sizes is None or v.size in self.sizes) and (self.flips or not v.flip)]
 
 
 @dataclass
