@@ -49,6 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--rank", type=int, default=16, help="lowrank: coefficients kept per cell (default 16)")
     b.add_argument(
+        "--pool",
+        default="",
+        help="lowrank: keep these levels' coefficient maps at 1/k resolution, e.g. p3=2,p4=2 (k x k means, "
+        "bytes / k^2; default: none)",
+    )
+    b.add_argument(
         "--fit-views",
         type=int,
         default=256,
@@ -157,6 +163,7 @@ def run_build(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
         rank=args.rank,
         fit_views=args.fit_views,
+        pool=_level_map("--pool", args.pool, int),
     )
     source = open_source(args.data, format=args.format, split=args.split)
     sizes = args.size or teacher_sizes(args.teacher)
@@ -245,6 +252,7 @@ def run_info(args: argparse.Namespace) -> int:
         + (
             f"  encoding {info['encoding']['name']} v{info['encoding']['version']} rank {info['encoding']['rank']} "
             f"(bases fitted on {info['encoding']['fit_views']} views, sha256 {info['encoding']['sha256'][:12]}...)"
+            + (f"  pooled {info['policy']['pool']}" if info["policy"].get("pool") else "")
             if info["encoding"]
             else ""
         )

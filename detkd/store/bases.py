@@ -22,7 +22,9 @@ from detkd.knowledge import ChannelBasis
 from detkd.store.format import StoreError, os_error
 
 BASES = "bases.pt"
-ENCODING_VERSION = 1  # of the lowrank layout: coefficients [r, h, w] ("c") and one scale per component ("k")
+# Of the lowrank layout. 1: coefficients [r, h, w] ("c") and one scale per component ("k");
+# 2: also levels pooled k x k, with their full valid size and k in "u" (written only when a level is pooled).
+ENCODING_VERSION = 2
 
 
 class BasisFit:
@@ -120,11 +122,11 @@ def load_bases(store_dir: str | Path, *, sha256: str | None = None) -> dict[str,
     return out
 
 
-def encoding_entry(*, rank: int, fit_views: int, sha256: str) -> dict:
+def encoding_entry(*, rank: int, fit_views: int, sha256: str, pooled: bool = False) -> dict:
     """What the manifest records of a lowrank encoding (part of the store's identity)."""
     return {
         "name": "lowrank",
-        "version": ENCODING_VERSION,
+        "version": ENCODING_VERSION if pooled else 1,
         "rank": int(rank),
         "fit_views": int(fit_views),
         "bases": BASES,

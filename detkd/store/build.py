@@ -352,7 +352,8 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
             log.info("%s: fitted rank-%d bases of %s on %d image views", out_dir, policy.rank, levels, len(pairs))
     sha = bases_sha256(out_dir)
     bases = load_bases(out_dir, sha256=sha)
-    return bases, encoding_entry(rank=policy.rank, fit_views=policy.fit_views, sha256=sha)
+    pooled = any(k > 1 for k in policy.pool.values())
+    return bases, encoding_entry(rank=policy.rank, fit_views=policy.fit_views, sha256=sha, pooled=pooled)
 
 
 def _teacher_ap(

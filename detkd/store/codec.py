@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from detkd.errors import ConfigError
@@ -156,8 +157,13 @@ def encode_levels(
     *,
     feature_shapes: dict[str, list[int] | tuple[int, int]],
     value_dtype: str = "float16",
+    pool: dict[str, int] | None = None,
 ) -> dict[str, Tensor]:
-    """{level: LevelRecord} -> {"<level>/<part>": array}, the input of ``encode_record``."""
+    """{level: LevelRecord} -> {"<level>/<part>": array}, the input of ``encode_record``.
+
+    ``pool`` {level: k}: that level's coefficient maps are kept at 1/k resolution (k x k means, edge
+    windows over their valid cells only), with their full valid size and k in a part ``u``; decoding
+    repeats each kept cell k x k and crops to that size (``decode_levels``)."""
     if value_dtype not in VALUE_DTYPES:
         raise ConfigError(f"value_dtype: unknown {value_dtype!r}; choose one of {VALUE_DTYPES}")
     out: dict[str, dict[str, Tensor]] = {}
@@ -179,6 +185,11 @@ def encode_levels(
             if scale is not None:
                 parts["q"] = scale
         if "c" in parts:
+            k = int((pool or {}).get(level, 1))
+            if k > 1:
+                vh, vw = parts["c"].shape[-2:]
+                parts["u"] = torch.tensor([vh, vw, k], dtype=torch.int16)
+                parts["c"] = F.avg_pool2d(parts["c"].float()[None], k, ceil_mode=True)[0]
             parts["c"], scale = _encode_maps(parts["c"], value_dtype=value_dtype)
             if scale is not None:
                 parts["k"] = scale
@@ -191,6 +202,14 @@ def encode_levels(
         for level, (values, scale) in _rowwise(cells, lambda x: _encode_values(x, dim=-1, value_dtype=value_dtype)):
             out[level]["v"], out[level]["q"] = values, scale
     return {f"{level}/{part}": a for level, parts in out.items() for part, a in parts.items()}
+
+
+def _unpool(level: str, c: Tensor, u: Tensor) -> Tensor:
+    """Coefficients kept at 1/k resolution -> the full valid map (each kept cell repeated k x k)."""
+    vh, vw, k = (int(v) for v in u.tolist())
+    if k < 1 or -(-vh // k) != c.shape[1] or -(-vw // k) != c.shape[2]:
+        raise StoreError(f"level {level!r}: pooled map {tuple(c.shape)} does not fit {vh} x {vw} at 1/{k}; corrupt")
+    return c.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)[:, :vh, :vw].contiguous()
 
 
 def decode_levels(
@@ -213,6 +232,10 @@ def decode_levels(
             if "c" not in parts:
                 raise StoreError(f"level {level!r}: a coefficient scale without coefficients; the record is corrupt")
             parts["c"] = _decode_maps(parts["c"], parts.pop("k"))
+        if "u" in parts:
+            if "c" not in parts:
+                raise StoreError(f"level {level!r}: a pooled size without coefficients; the record is corrupt")
+            parts["c"] = _unpool(level, parts["c"], parts.pop("u"))
         grouped[level] = parts
     scaled = {level: (parts["v"], parts.pop("q")) for level, parts in grouped.items() if "q" in parts}
     for level, (values,) in _rowwise(scaled, lambda v, q: (_decode_values(v, q, dim=-1),)):

@@ -43,7 +43,8 @@ def projected_record_bytes(manifest: Manifest, image_hw: tuple[int, int] = COCO_
                 values=torch.zeros(k, channels // policy.channel_group).half(),
                 score=torch.zeros(k).half(),
             )
-    size = len(encode_record(encode_levels(levels, feature_shapes=shapes, value_dtype=policy.value_dtype)))
+    arrays = encode_levels(levels, feature_shapes=shapes, value_dtype=policy.value_dtype, pool=policy.pool)
+    size = len(encode_record(arrays))
     return {
         "image_hw": list(image_hw),
         "bytes_per_view": size,

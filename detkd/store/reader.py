@@ -17,7 +17,7 @@ import torch
 
 from detkd.data.views import View
 from detkd.knowledge import ChannelBasis, KnowledgeOffer, TeacherKnowledge
-from detkd.store.bases import load_bases
+from detkd.store.bases import ENCODING_VERSION, load_bases
 from detkd.store.codec import decode_levels
 from detkd.store.collate import collate_knowledge
 from detkd.store.format import (
@@ -82,6 +82,11 @@ class StoreReader:
         encoding = self.manifest.encoding
         if not encoding.get("sha256"):
             return None
+        if int(encoding.get("version", 1)) > ENCODING_VERSION:
+            raise StoreError(
+                f"{self.path}: lowrank encoding version {encoding['version']} is newer than this detkd reads "
+                f"({ENCODING_VERSION}); upgrade detkd"
+            )
         if self._bases is None:
             self._bases = load_bases(self.path, sha256=encoding["sha256"])
         return self._bases

@@ -56,7 +56,9 @@ class SelectionPolicy:
     README) and float16 for the ``dense`` selector, which exists for methods needing exact whole maps.
     ``channel_group`` None picks the selector's default (4; 1 for ``lowrank``, which projects full-width
     maps). ``lowrank``: ``rank`` coefficients per cell on a per-level principal basis fitted on the
-    teacher's features of the first ``fit_views`` image views (``detkd.store.bases``).
+    teacher's features of the first ``fit_views`` image views (``detkd.store.bases``); ``pool``
+    {level: k} keeps a lowrank level's coefficient maps at 1/k resolution (k x k means; served repeated
+    back to full size), which divides its bytes by k^2 (``detkd.store.codec.encode_levels``).
     """
 
     name: str = "nms-ksd"
@@ -70,6 +72,7 @@ class SelectionPolicy:
     value_dtype: str | None = None
     rank: int = 16
     fit_views: int = 256
+    pool: dict[str, int] = field(default_factory=dict)
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -95,6 +98,14 @@ class SelectionPolicy:
             )
         if self.rank < 1 or self.fit_views < 1:
             raise ConfigError(f"selection policy: rank and fit_views must be >= 1, got {self.rank}, {self.fit_views}")
+        for level, k in self.pool.items():
+            if not isinstance(k, int) or k < 1:
+                raise ConfigError(f"selection policy pool[{level!r}]: must be an integer >= 1, got {k!r}")
+            if k > 1 and not self.selector_for(level).needs_basis:
+                raise ConfigError(
+                    f"selection policy pool[{level!r}]: only lowrank levels keep pooled coefficient maps, "
+                    f"and {level} is {self.mode_for(level)!r}"
+                )
         if self.value_dtype is None:
             self.value_dtype = SELECTORS.get(self.name).default_value_dtype
         if self.value_dtype not in VALUE_DTYPES:

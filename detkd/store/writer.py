@@ -232,6 +232,7 @@ class StoreWriter:
                 record,
                 feature_shapes=self.manifest.feature_shapes,
                 value_dtype=self.manifest.policy.get("value_dtype", "float16"),
+                pool=self.manifest.policy.get("pool"),
             )
         key = record_key(image_id, view)
         self._pending[key.encode()] = encode_record(record)
