@@ -16,7 +16,7 @@ from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
 from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
-from detkd.distill.masks import box_masks, gt_boxes
+from detkd.distill.masks import batch_box_masks, gt_boxes
 from detkd.knowledge import TeacherKnowledge
 
 LEVEL_ASSIGNMENTS = ("scale", "all")
@@ -94,20 +94,21 @@ class DeFeat(DistillMethod):
 
     def forward(self, student: dict[str, Tensor], teacher: TeacherKnowledge, ctx: DistillContext) -> dict[str, Tensor]:
         boxes = gt_boxes(ctx.targets, method=self.name)
+        n = len(boxes)
+        image = torch.repeat_interleave(torch.arange(n), torch.tensor([len(b) for b in boxes], dtype=torch.int64))
+        flat = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+        level_of = None
         if self.level_assignment == "scale":
-            assigned = [assign_box_levels(b, len(self.order), self.canonical_scale) for b in boxes]
-            per_level = [
-                [b[k == index] for b, k in zip(boxes, assigned, strict=True)] for index in range(len(self.order))
-            ]
-        else:
-            per_level = [boxes] * len(self.order)
+            level_of = assign_box_levels(flat, len(self.order), self.canonical_scale)
         fg_total, bg_total = [], []
         for index, lvl in enumerate(self.order):
             t = teacher_feature(teacher, lvl, method=self.name)
             s = self.adapters.adapt(lvl, student[lvl], teacher).float()
             _, c, h, w = s.shape
             c = teacher.full_channels(lvl, c)
-            mask = box_masks([b.to(s.device) for b in per_level[index]], self.levels[lvl].stride, h, w)[:, None]
+            keep = slice(None) if level_of is None else level_of == index
+            b, i = flat[keep].to(s.device), image[keep].to(s.device)
+            mask = batch_box_masks(b, i, n, self.levels[lvl].stride, h, w)[:, None]
             sq = (s - t).pow(2)
             fg_total.append((sq * mask).sum() / (2 * mask.sum() * c).clamp(min=1))
             bg_total.append((sq * (1 - mask)).sum() / (2 * (1 - mask).sum() * c).clamp(min=1))

@@ -61,19 +61,28 @@ def box_masks(boxes: list[Tensor], stride: int, height: int, width: int, *, mode
     mode "binary": 1 on cells covered by any box. mode "inverse_area": 1 / (cells of the box)
     inside each box, the max where boxes overlap, so the smallest box wins (FGD's fg mask).
     """
+    flat = [b.reshape(-1, 4) for b in boxes]
+    index = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor([len(b) for b in flat], dtype=torch.int64))
+    all_boxes = torch.cat(flat) if flat else torch.zeros(0, 4)
+    return batch_box_masks(all_boxes, index.to(all_boxes.device), len(flat), stride, height, width, mode=mode)
+
+
+def batch_box_masks(
+    boxes: Tensor, batch_index: Tensor, n: int, stride: int, height: int, width: int, *, mode: str = "binary"
+) -> Tensor:
+    """``box_masks`` of a whole batch's boxes at once: ``boxes`` [M, 4] with the image of each in
+    ``batch_index`` [M], for ``n`` images. One pass per level, not one per image: per-image calls were
+    most of a distillation step's overhead on small maps."""
     if mode not in ("binary", "inverse_area"):
         raise ValueError(f"box mask mode {mode!r} unknown; choose 'binary' or 'inverse_area'")
-    out = []
-    for b in boxes:
-        cells = box_cells(b.reshape(-1, 4), stride, height, width)
-        if mode == "binary":
-            m = cells.any(dim=0).to(torch.float32)
-        else:
-            area = cells.flatten(1).sum(dim=1).clamp(min=1).to(torch.float32)
-            weighted = cells.to(torch.float32) / area[:, None, None]
-            m = torch.cat([weighted.new_zeros(1, height, width), weighted]).amax(dim=0)  # no boxes -> zeros
-        out.append(m)
-    return torch.stack(out)
+    cells = box_cells(boxes, stride, height, width).flatten(1).to(torch.float32)  # [M, H*W]
+    out = torch.zeros(n, height * width, device=boxes.device)
+    if mode == "binary":
+        out.index_add_(0, batch_index, cells).clamp_(max=1.0)  # covered by any box
+    else:  # 1 / box cells, the max where boxes overlap; zeros where no box
+        weighted = cells / cells.sum(dim=1, keepdim=True).clamp(min=1)
+        out.scatter_reduce_(0, batch_index[:, None].expand_as(weighted), weighted, reduce="amax")
+    return out.reshape(n, height, width)
 
 
 def gt_boxes(targets: list[dict[str, Tensor]], *, method: str) -> list[Tensor]:
