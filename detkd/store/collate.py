@@ -48,12 +48,15 @@ def collate_knowledge(
             if level not in feature_shapes:
                 raise StoreError(f"level {level!r}: no feature shape given to place its dense maps on")
             h, w = feature_shapes[level]
-            if coefficients and all(rec.coefficients is not None for _, rec in present):
+            basis = None
+            if all(rec.coefficients is not None for _, rec in present):
                 basis = _basis(level, present[0][1], bases)
                 maps = [(i, rec.coefficients) for i, rec in present]
-                zero = basis.coefficients(torch.zeros(1, basis.basis.shape[0]), dim=1)[0]  # a zero map's coefficients
-                out = zero[None, :, None, None].expand(len(records), -1, h, w).contiguous()
-                served_coefficients.add(level)
+                fill = torch.zeros(basis.rank)
+                if coefficients:  # served as they are; padding: a zero map's coefficients
+                    fill = basis.coefficients(torch.zeros(1, basis.basis.shape[0]), dim=1)[0]
+                    served_coefficients.add(level)
+                out = fill[None, :, None, None].expand(len(records), -1, h, w).contiguous()
             else:
                 maps = [(i, _whole_map(level, rec, bases)) for i, rec in present]
                 out = torch.zeros((len(records), maps[0][1].shape[0], h, w), dtype=torch.float32)
@@ -65,6 +68,11 @@ def collate_knowledge(
                         f"{c} x {h} x {w} feature canvas"
                     )
                 out[i, :, : d.shape[1], : d.shape[2]] = d.float()
+            if basis is not None and not coefficients:  # one reconstruction for the batch, padding zeroed
+                valid = torch.zeros(len(records), 1, h, w)
+                for i, d in maps:
+                    valid[i, :, : d.shape[1], : d.shape[2]] = 1.0
+                out = basis.reconstruct(out, dim=1) * valid
             dense[level] = out
             continue
         counts = [rec.num_cells for _, rec in present]
