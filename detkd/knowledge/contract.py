@@ -103,18 +103,20 @@ class TeacherKnowledge:
         return x
 
     def match_conv(self, level: str, conv: nn.Module, x: Tensor) -> Tensor:
-        """``match(level, conv(x))`` for an NCHW map. In coefficient form a convolution into the
-        teacher's width is folded with the basis into one convolution straight to the rank's
-        channels (same numbers, rank / C of the work); otherwise the convolution runs as it is."""
+        """``match(level, conv(x))`` for an NCHW map. On a level with a stored basis a convolution into
+        the teacher's width is folded with the basis into one convolution straight to the rank's
+        coefficients (same numbers, rank / C of the work), served as they are in coefficient form
+        and reconstructed otherwise; without a basis the convolution runs as it is."""
         foldable = isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and self.channel_group == 1
-        if not (foldable and self.in_coefficients(level)):
+        if not (foldable and self.bases and level in self.bases):
             return self.match(level, conv(x))
         basis = self.bases[level]
         b = basis.basis.to(conv.weight)  # [C, r]
         weight = torch.einsum("cr,cikl->rikl", b, conv.weight)
         mean = basis.mean.to(conv.weight)
         bias = (-mean if conv.bias is None else conv.bias - mean) @ b
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        c = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return c if self.coefficients else basis.reconstruct(c, dim=1)
 
     def full_channels(self, level: str, compared: int) -> int:
         """The channel count a per-channel mean over ``compared`` channels divides by: the teacher's

@@ -137,6 +137,9 @@ def test_folded_convolution_equals_convolution_then_coefficients():
         assert knowledge.full_channels("p3", RANK) == C_TEACHER
     maps = _knowledge(False, False)
     assert maps.full_channels("p3", C_TEACHER) == C_TEACHER
+    conv = nn.Conv2d(C_STUDENT, C_TEACHER, 3, padding=1)
+    x = torch.randn(2, C_STUDENT, 6, 7)  # reconstructed form: the folded conv, then the basis
+    torch.testing.assert_close(maps.match_conv("p3", conv, x), BASES["p3"].project(conv(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_task_allows_coefficients_only_when_every_method_does():
