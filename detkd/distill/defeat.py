@@ -16,7 +16,7 @@ from torch import Tensor
 
 from detkd.distill.adapters import LevelAdapters, teacher_feature
 from detkd.distill.base import DistillContext, DistillMethod, LevelSpec, register_method
-from detkd.distill.masks import batch_box_masks, gt_boxes
+from detkd.distill.masks import batch_box_masks, flat_boxes, gt_boxes
 from detkd.knowledge import TeacherKnowledge
 
 LEVEL_ASSIGNMENTS = ("scale", "all")
@@ -95,8 +95,7 @@ class DeFeat(DistillMethod):
     def forward(self, student: dict[str, Tensor], teacher: TeacherKnowledge, ctx: DistillContext) -> dict[str, Tensor]:
         boxes = gt_boxes(ctx.targets, method=self.name)
         n = len(boxes)
-        image = torch.repeat_interleave(torch.arange(n), torch.tensor([len(b) for b in boxes], dtype=torch.int64))
-        flat = torch.cat(boxes) if boxes else torch.zeros(0, 4)
+        flat, image = flat_boxes(boxes)
         level_of = None
         if self.level_assignment == "scale":
             level_of = assign_box_levels(flat, len(self.order), self.canonical_scale)

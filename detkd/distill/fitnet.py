@@ -67,7 +67,8 @@ class FitNet(DistillMethod):
                 t = teacher_feature(teacher, lvl, method=self.name)
                 s = self.adapters.adapt(lvl, student[lvl], teacher).float()
                 if teacher.in_coefficients(lvl):  # the mean over N*C'*H*W of the reconstructed maps' width C'
-                    loss = F.mse_loss(s, t, reduction="sum") / (s[:, 0].numel() * teacher.full_channels(lvl, 0))
+                    width = teacher.full_channels(lvl, s.shape[1])
+                    loss = F.mse_loss(s, t, reduction="sum") / (s[:, 0].numel() * width)
                 else:
                     loss = F.mse_loss(s, t)
             out[f"fitnet.{lvl}"] = self.weight * loss

@@ -61,10 +61,16 @@ def box_masks(boxes: list[Tensor], stride: int, height: int, width: int, *, mode
     mode "binary": 1 on cells covered by any box. mode "inverse_area": 1 / (cells of the box)
     inside each box, the max where boxes overlap, so the smallest box wins (FGD's fg mask).
     """
+    all_boxes, index = flat_boxes(boxes)
+    return batch_box_masks(all_boxes, index, len(boxes), stride, height, width, mode=mode)
+
+
+def flat_boxes(boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-image box lists -> (all boxes [M, 4], the image index of each [M]), on the boxes' device."""
     flat = [b.reshape(-1, 4) for b in boxes]
-    index = torch.repeat_interleave(torch.arange(len(flat)), torch.tensor([len(b) for b in flat], dtype=torch.int64))
     all_boxes = torch.cat(flat) if flat else torch.zeros(0, 4)
-    return batch_box_masks(all_boxes, index.to(all_boxes.device), len(flat), stride, height, width, mode=mode)
+    counts = torch.tensor([len(b) for b in flat], dtype=torch.int64)
+    return all_boxes, torch.repeat_interleave(torch.arange(len(flat)), counts).to(all_boxes.device)
 
 
 def batch_box_masks(

@@ -88,8 +88,12 @@ class TeacherKnowledge:
     bases: dict[str, ChannelBasis] | None = None
     coefficients: bool = False  # levels with a basis hold its coefficient maps, not reconstructed maps
 
+    def basis_of(self, level: str) -> ChannelBasis | None:
+        """The stored basis of a lowrank level, else None."""
+        return (self.bases or {}).get(level)
+
     def in_coefficients(self, level: str) -> bool:
-        return self.coefficients and bool(self.bases) and level in self.bases
+        return self.coefficients and self.basis_of(level) is not None
 
     def match(self, level: str, x: Tensor, dim: int = 1) -> Tensor:
         """An adapted student map (teacher width) in the form the teacher knowledge has: grouped
@@ -97,8 +101,8 @@ class TeacherKnowledge:
         coefficient form), so that the student is compared with what the store kept of the teacher,
         not penalised for what it dropped."""
         x = channel_group_max(x, self.channel_group, dim)
-        if self.bases and level in self.bases:
-            basis = self.bases[level]
+        basis = self.basis_of(level)
+        if basis is not None:
             x = basis.coefficients(x, dim) if self.coefficients else basis.project(x, dim)
         return x
 
@@ -107,10 +111,10 @@ class TeacherKnowledge:
         the teacher's width is folded with the basis into one convolution straight to the rank's
         coefficients (same numbers, rank / C of the work), served as they are in coefficient form
         and reconstructed otherwise; without a basis the convolution runs as it is."""
+        basis = self.basis_of(level)
         foldable = isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and self.channel_group == 1
-        if not (foldable and self.bases and level in self.bases):
+        if not (foldable and basis is not None):
             return self.match(level, conv(x))
-        basis = self.bases[level]
         b = basis.basis.to(conv.weight)  # [C, r]
         weight = torch.einsum("cr,cikl->rikl", b, conv.weight)
         mean = basis.mean.to(conv.weight)
@@ -121,9 +125,7 @@ class TeacherKnowledge:
     def full_channels(self, level: str, compared: int) -> int:
         """The channel count a per-channel mean over ``compared`` channels divides by: the teacher's
         full width in coefficient form (so the loss keeps its reconstructed scale), else ``compared``."""
-        if self.in_coefficients(level):
-            return int(self.bases[level].basis.shape[0])
-        return compared
+        return int(self.basis_of(level).basis.shape[0]) if self.in_coefficients(level) else compared
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,8 @@ def collate_knowledge(
                 maps = [(i, _whole_map(level, rec, bases)) for i, rec in present]
                 out = torch.zeros((len(records), maps[0][1].shape[0], h, w), dtype=torch.float32)
             c = out.shape[1]
+            reconstruct = basis is not None and not coefficients  # once for the batch, padding zeroed
+            valid = torch.zeros(len(records), 1, h, w) if reconstruct else None
             for i, d in maps:
                 if d.shape[0] != c or d.shape[1] > h or d.shape[2] > w:
                     raise StoreError(
@@ -68,10 +70,9 @@ def collate_knowledge(
                         f"{c} x {h} x {w} feature canvas"
                     )
                 out[i, :, : d.shape[1], : d.shape[2]] = d.float()
-            if basis is not None and not coefficients:  # one reconstruction for the batch, padding zeroed
-                valid = torch.zeros(len(records), 1, h, w)
-                for i, d in maps:
+                if valid is not None:
                     valid[i, :, : d.shape[1], : d.shape[2]] = 1.0
+            if valid is not None:
                 out = basis.reconstruct(out, dim=1) * valid
             dense[level] = out
             continue
