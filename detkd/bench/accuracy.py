@@ -138,6 +138,7 @@ def run_accuracy(
     json_path: str | Path | None = None,
     reuse: str | Path | None = None,
     only: list[str] | None = None,
+    teacher_runs: list[str] | None = None,
 ) -> list[dict]:
     """``store``: one store directory for every method's stored row, or {method or "*": directory}
     (e.g. GKD from a store with importance maps). ``selected`` adds "M (selected online)" rows: the
@@ -146,7 +147,8 @@ def run_accuracy(
     results file instead of training them (checked comparable first: ``detkd.bench.reuse``). ``only``:
     train just these row kinds (student, online, stored, selected), e.g. to split one benchmark over
     several processes; the other rows are read from their finished run directories, and a row with
-    no finished seed is left out."""
+    no finished seed is left out. ``teacher_runs``: checkpoints of the teacher's recipe at other
+    seeds, recorded with the distilling teacher as the teacher's row (``teacher.runs``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for m in methods:  # a typo fails now, not after the student's run
@@ -201,6 +203,8 @@ def run_accuracy(
 
             raise DetkdError(f"no finished student run in {out}: the results file compares every row with it")
         payload = accuracy_payload(rows, results, recipe=recipe, teacher=teacher, store=store, seeds=seeds)
+        if teacher_runs:
+            payload["teacher"]["runs"] = teacher_seed_runs([teacher, *teacher_runs])
         payload["overrides"] = list(overrides or [])
         if source is not None:
             payload["reused"] = source
@@ -259,6 +263,28 @@ def accuracy_payload(
     if payload.get("stored") and payload.get("methods"):
         payload["best"] = best_comparison(payload["methods"], payload["stored"])
     return payload
+
+
+def teacher_seed_runs(checkpoints: list[str]) -> dict:
+    """The teacher's row: each checkpoint's AP as evaluated when it was saved, and their spread.
+    Refused when the checkpoints were not trained by one recipe (same architecture and data)."""
+    from detkd.errors import DetkdError
+    from detkd.models.checkpoint import read_checkpoint
+
+    aps, seeds, recipes = [], [], []
+    for path in checkpoints:
+        ckpt = read_checkpoint(path)
+        recipe = {k: dict(v) for k, v in ((ckpt.get("run") or {}).get("recipe") or {}).items() if isinstance(v, dict)}
+        train = recipe.get("train", {})
+        seeds.append(train.get("seed"))
+        for key in ("seed", "out", "eval_every", "log_every", "device"):  # differ by design or change nothing
+            train.pop(key, None)
+        recipes.append(recipe)
+        aps.append((ckpt.get("metrics") or {}).get("AP"))
+    for path, recipe in zip(checkpoints[1:], recipes[1:], strict=True):
+        if recipe != recipes[0]:
+            raise DetkdError(f"--teacher-runs: {path} was trained by another recipe than {checkpoints[0]}")
+    return {"checkpoints": [str(c) for c in checkpoints], "seeds": seeds, **ap_summary(aps)}
 
 
 def store_summary(path: str) -> dict:

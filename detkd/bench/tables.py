@@ -33,8 +33,14 @@ def accuracy_table(payload: dict) -> str:
     lines = [
         "| run | AP per seed | mean | spread (max-min) | vs student | gain > student spread | weights (rule: value) |",
         "|---|---|---|---|---|---|---|",
-        f"| student alone | {_seeds(student)} | {_pts(student['mean'])} | {_pts(student['spread'])} | | | |",
     ]
+    teacher_runs = (payload.get("teacher") or {}).get("runs")
+    if teacher_runs:
+        lines.append(
+            f"| teacher (its recipe, seeds {teacher_runs.get('seeds')}) | {_seeds(teacher_runs)} | "
+            f"{_pts(teacher_runs['mean'])} | {_pts(teacher_runs['spread'])} | | | |"
+        )
+    lines.append(f"| student alone | {_seeds(student)} | {_pts(student['mean'])} | {_pts(student['spread'])} | | | |")
     for group, title in GROUP_TITLES.items():
         for spec, entry in (payload.get(group) or {}).items():
             beats = {True: "yes", False: "no", None: "—"}[entry.get("beats_student")]
@@ -43,7 +49,8 @@ def accuracy_table(payload: dict) -> str:
                 f"{_pts(entry.get('vs_student'), sign=True)} | {beats} | {_weights(entry.get('weights'))} |"
             )
     teacher = (payload.get("teacher") or {}).get("ap")
-    foot = [f"Teacher AP {_pts(teacher)}." if teacher is not None else ""]
+    which = " (the first teacher seed distils)" if teacher_runs else ""
+    foot = [f"Teacher AP {_pts(teacher)}{which}." if teacher is not None else ""]
     foot += _store_lines(payload)
     foot.append(f"AP = COCO AP@[.5:.95] x100 on the validation split; seeds {payload.get('seeds')}.")
     foot.append(f"Measured {payload.get('date', '?')[:10]} at commit `{str(payload.get('commit'))[:12]}` on")

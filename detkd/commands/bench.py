@@ -40,6 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--recipe", required=True, help="student recipe YAML")
     a.add_argument("--teacher", required=True, help="teacher checkpoint (online rows)")
     a.add_argument(
+        "--teacher-runs",
+        nargs="+",
+        default=None,
+        metavar="CKPT",
+        help="the teacher's recipe trained at other seeds: their APs join the distilling teacher's in a "
+        "teacher row with its own seed spread (default: the teacher's AP alone)",
+    )
+    a.add_argument(
         "--store",
         nargs="+",
         default=None,
@@ -148,6 +156,7 @@ def run_accuracy_cmd(args: argparse.Namespace) -> int:
         json_path=args.json,
         reuse=args.reuse,
         only=args.only,
+        teacher_runs=args.teacher_runs,
     )
     from detkd.models.checkpoint import read_checkpoint
 

@@ -278,7 +278,10 @@ class Trainer:
         if log_metrics:  # at the step evaluated at, not the last one logged
             logger.log_metrics(epoch + 1, metrics, step=metrics.get("step"))
         plot_run(self.out_dir)
-        (self.out_dir / "metrics.json").write_text(dumps({"last": metrics, "history": self.history}, indent=2))
+        record = {"last": metrics, "history": self.history}
+        if self.run_info.get("backbone_weights"):  # what the trunk started from
+            record["backbone_weights"] = self.run_info["backbone_weights"]
+        (self.out_dir / "metrics.json").write_text(dumps(record, indent=2))
 
     def _finish_run(self, epoch: int, metrics: dict, logger: RunLogger) -> None:
         """Redo the end-of-run writes of a run whose final checkpoint exists (idempotent)."""

@@ -132,12 +132,26 @@ def make_loaders(
     return train_loader, val_loader
 
 
-def prepare_run_dir(recipe: Recipe, *, resume: bool) -> Path:
+def backbone_weights_identity(detector) -> dict | None:
+    """``{"file", "sha256"}`` of the weights the student's trunk started from (``file`` as the recipe
+    gives it, e.g. ``imagenet``; None: from scratch)."""
+    spec = getattr(detector, "spec", None) or {}
+    if not spec.get("backbone_weights_sha256"):
+        return None
+    return {"file": str(spec.get("backbone_weights")), "sha256": spec["backbone_weights_sha256"]}
+
+
+def prepare_run_dir(recipe: Recipe, *, resume: bool, weights: dict | None = None) -> Path:
+    """The run folder with its ``recipe.yaml``; ``weights`` (``backbone_weights_identity``) is added as
+    a closing comment, so the file stays a recipe that trains again."""
     out = Path(recipe.train.out)
     if (out / LAST).exists() and not resume:
         raise DetkdError(f"{out}: a run already exists here; pass --resume to continue it or set train.out=NEW_DIR")
     out.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, out / "recipe.yaml")
+    if weights:
+        with open(out / "recipe.yaml", "a") as f:
+            f.write(f"# model.backbone_weights {weights['file']}: sha256 {weights['sha256']}\n")
     return out
 
 
@@ -237,8 +251,11 @@ def fit_task(
 ) -> dict:
     """Run directory, loaders, trainer, resume, fit: the part every run shares after building its task."""
     recipe = setup.recipe
+    weights = backbone_weights_identity(setup.student)
+    if weights:
+        run_info = {**run_info, "backbone_weights": weights}
     if setup.rank == 0:
-        prepare_run_dir(recipe, resume=resume)
+        prepare_run_dir(recipe, resume=resume, weights=weights)
     loaders = make_loaders(
         setup.bundle,
         recipe,

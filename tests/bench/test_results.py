@@ -146,3 +146,37 @@ def test_stored_rows_name_their_store_and_the_best_comparison(tmp_path, monkeypa
         accuracy_payload(rows, results, recipe="r.yaml", teacher=str(ckpt), store=stores, seeds=[0, 1]),
     )
     assert "best online: cwd 12.2 (spread 0.5); the store is ahead by 0.8." in render(tmp_path / "store.json")
+
+
+def _teacher_ckpt(path, seed: int, ap: float, lr: float = 0.02):
+    import torch
+
+    recipe = {"name": "t", "data": {"sizes": [320]}, "model": {"fpn_channels": 128}}
+    recipe["train"] = {"lr": lr, "seed": seed, "out": f"runs/t-s{seed}"}
+    torch.save({"metrics": {"AP": ap}, "run": {"kind": "train", "recipe": recipe}}, path)
+    return str(path)
+
+
+def test_teacher_runs_give_the_teacher_row_its_seed_spread(tmp_path):
+    from detkd.bench.accuracy import teacher_seed_runs
+    from detkd.bench.tables import accuracy_table
+
+    ckpts = [_teacher_ckpt(tmp_path / f"t{s}.pt", s, ap) for s, ap in ((0, 0.45), (1, 0.431), (2, 0.442))]
+    runs = teacher_seed_runs(ckpts)
+    expected = {"checkpoints": ckpts, "seeds": [0, 1, 2], "ap": [45.0, 43.1, 44.2], "mean": 44.1, "spread": 1.9}
+    assert runs == {**expected, "n": 3}
+    p = _payload(tmp_path)
+    p["teacher"]["runs"] = runs
+    table = accuracy_table(p)
+    assert "| teacher (its recipe, seeds [0, 1, 2]) | 45.0, 43.1, 44.2 | 44.1 | 1.9 |" in table
+    assert table.index("| teacher") < table.index("| student alone")
+
+
+def test_teacher_runs_of_another_recipe_are_refused(tmp_path):
+    from detkd.bench.accuracy import teacher_seed_runs
+    from detkd.errors import DetkdError
+
+    a = _teacher_ckpt(tmp_path / "a.pt", 0, 0.45)
+    b = _teacher_ckpt(tmp_path / "b.pt", 1, 0.43, lr=0.01)
+    with pytest.raises(DetkdError, match="b.pt was trained by another recipe"):
+        teacher_seed_runs([a, b])

@@ -6,6 +6,7 @@ skipped without it; the others use random classification files written here."""
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -318,7 +319,14 @@ def test_a_training_run_starts_from_the_weights_and_fine_tunes_the_trunk_slower(
     weights = f"model.backbone_weights={resnet18_file}"
     assert main(["train", recipe, weights, "train.backbone_lr_mult=0.1", "--no-progress"]) == 0
     payload = read_checkpoint(run / "last.pt")
-    assert payload["spec"]["backbone_weights_sha256"] == hashlib.sha256(resnet18_file.read_bytes()).hexdigest()
+    sha256 = hashlib.sha256(resnet18_file.read_bytes()).hexdigest()
+    assert payload["spec"]["backbone_weights_sha256"] == sha256
+    # The weights' identity in every record of the run; recipe.yaml keeps it as a comment, so it still loads.
+    identity = {"file": str(resnet18_file), "sha256": sha256}
+    assert payload["run"]["backbone_weights"] == identity
+    assert json.loads((run / "metrics.json").read_text())["backbone_weights"] == identity
+    assert f"# model.backbone_weights {resnet18_file}: sha256 {sha256}" in (run / "recipe.yaml").read_text()
+    assert load_recipe(run / "recipe.yaml").model.backbone_weights == str(resnet18_file)
     groups = payload["train_state"]["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([0.01, 0.01, 0.001, 0.001])
     # At the trunk's rate: layer2..4's conv weights (2 blocks x 2 + a downsample each), then their BN weights
