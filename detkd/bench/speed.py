@@ -196,6 +196,13 @@ def run_speed(
     times = _step_times(
         scale, source, policy, teacher, store_dir, method=method, workers=workers, device=device, progress=progress
     )
+    # The same steps on batches held in memory, the stored one's knowledge collated beforehand: what the
+    # method's own work costs, apart from reading, decoding and collating the store.
+    compute = _compute_step_times(scale, source, policy, teacher, store_dir, method=method, device=device)
+    cmed = {k: statistics.median(v) for k, v in compute.items()}
+    results["compute_step_seconds_median"] = cmed
+    results["compute_step_seconds_all"] = compute
+    results["method_over_student_compute_ratio"] = cmed["stored"] / cmed["student"]
     # Peak device memory of each mode trained alone (None off CUDA): the stored run holds no teacher.
     results["peak_memory_bytes"] = _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -311,6 +318,44 @@ def _step_times(
     return times
 
 
+class _Precollated:
+    """A stored teacher whose batches' knowledge was collated before timing (``knowledge`` is a lookup
+    by the batch's image tensor, which ``Batch.to`` keeps on the device it is already on)."""
+
+    def __init__(self, teacher: StoredTeacher, batches: list, needs: frozenset[str]) -> None:
+        self._teacher = teacher
+        self._knowledge = {id(b.images): teacher.knowledge(b, needs) for b in batches}
+
+    def knowledge(self, batch, needs: frozenset[str]):
+        return self._knowledge[id(batch.images)]
+
+    def __getattr__(self, name: str):
+        return getattr(self._teacher, name)
+
+
+def _compute_step_times(scale, source, policy, teacher, store_dir, *, method, device) -> dict[str, list[float]]:
+    """Student-alone and stored-distillation steps over ``steps_per_round`` batches loaded beforehand
+    (the stored ones with their knowledge collated), in interleaved rounds; round 0 warms up."""
+    reader = StoreReader(store_dir)
+    modes = {}
+    for mode in ("student", "stored"):
+        task, loader, opt, scaler = _mode_setup(mode, scale, source, policy, teacher, reader, method, 0, device)
+        batches = [b.to(device) for _, b in zip(range(scale.steps_per_round), loader, strict=False)]
+        if mode == "stored":
+            task.__dict__["teacher"] = _Precollated(task.teacher, batches, task.needs)
+        modes[mode] = (task, batches, opt, scaler)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(scale.rounds + 1):
+        for mode, (task, batches, opt, scaler) in modes.items():
+            task.train()
+            for batch in batches:
+                t0 = time.perf_counter()
+                _train_step(task, batch, opt, scaler, device, scale.amp)
+                if r > 0:
+                    times[mode].append(time.perf_counter() - t0)
+    return times
+
+
 def _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device) -> dict[str, int] | None:
     """``torch.cuda.max_memory_allocated`` over 2 steps of each mode alone on the device (teacher
     weights resident only in the online mode); None off CUDA."""
@@ -356,6 +401,8 @@ def format_results(r: dict) -> str:
         f"  stored / student   {r['stored_over_student_step_ratio']:.3f}   (goal <= 1.05)",
         f"  online / student   {r['online_over_student_step_ratio']:.3f}",
         f"  stored / online    {r['stored_over_online_step_ratio']:.3f}",
+        f"  the method's own work: stored / student on batches in memory, knowledge collated beforehand "
+        f"{r['method_over_student_compute_ratio']:.3f}",
         f"store size: {r['store_bytes_per_image_view']:.0f} B per image-view vs dense fp16 "
         f"{r['dense_fp16_bytes_per_image_view']:.0f} B: ratio {r['store_over_dense_size_ratio']:.4f} (goal <= 0.05; "
         f"policy {r['scale']['store_policy']['name']})",

@@ -17,6 +17,7 @@ RATIOS = (
     "stored_over_student_step_ratio",
     "online_over_student_step_ratio",
     "stored_over_online_step_ratio",
+    "method_over_student_compute_ratio",
     "store_over_dense_size_ratio",
     "build_over_teacher_inference_throughput_ratio",
     "build_call_over_teacher_inference_throughput_ratio",
@@ -53,9 +54,10 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     bars = capsys.readouterr().err
     assert "inference / build rounds" in bars and "step-time rounds" in bars
 
-    # The method recorded is the one measured: PKD ran in every online and stored step (a warm-up
-    # round plus the timed ones), FitNet never; the store is the one PKD reads (sparse nms-ksd cells).
-    assert calls == {"pkd": 2 * (scale.rounds + 1) * scale.steps_per_round}
+    # The method recorded is the one measured: PKD ran in every step of its modes (a warm-up
+    # round plus the timed ones, online, stored and stored from batches in memory), FitNet never; the store
+    # is the one PKD reads (sparse nms-ksd cells).
+    assert calls == {"pkd": 3 * (scale.rounds + 1) * scale.steps_per_round}
     assert r["scale"] == {
         "images": 16,
         "size": 64,
@@ -84,6 +86,12 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     assert r["online_over_student_step_ratio"] == pytest.approx(med["online"] / med["student"])
     assert r["stored_over_student_step_ratio"] == pytest.approx(med["stored"] / med["student"])
     assert r["stored_over_online_step_ratio"] == pytest.approx(med["stored"] / med["online"])
+    # The method's own work: the same steps on batches in memory, the store's knowledge collated beforehand.
+    ctimes, cmed = r["compute_step_seconds_all"], r["compute_step_seconds_median"]
+    assert set(ctimes) == set(cmed) == {"student", "stored"}
+    assert all(len(v) == scale.rounds * scale.steps_per_round for v in ctimes.values())
+    assert cmed == {k: pytest.approx(statistics.median(v)) for k, v in ctimes.items()}
+    assert r["method_over_student_compute_ratio"] == pytest.approx(cmed["stored"] / cmed["student"])
 
     # Throughput: medians of the interleaved rounds; ratios are medians of per-round ratios.
     rounds = r["throughput_rounds_image_views_per_s"]
@@ -130,6 +138,7 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     assert f"online / student   {r['online_over_student_step_ratio']:.3f}" in text
     assert f"ratio {r['store_over_dense_size_ratio']:.4f} (goal <= 0.05" in text
     assert f"ratio {r['build_over_teacher_inference_throughput_ratio']:.3f} (goal >= 0.9)" in text
+    assert f"knowledge collated beforehand {r['method_over_student_compute_ratio']:.3f}" in text
     write_results(r, tmp_path / "speed.json")
     saved = strict_json((tmp_path / "speed.json").read_text())
     assert saved["scale"] == r["scale"] and saved["step_seconds_all"] == times
@@ -141,6 +150,7 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
     assert f"**{r['stored_over_student_step_ratio']:.2f}**" in table and "method `pkd`" not in table
     assert "Method `pkd`, store policy `nms-ksd`" in table
     assert f"{r['projected_coco']['bytes_per_view'] / 1024:.1f} KB" in table
+    assert f"| {r['method_over_student_compute_ratio']:.2f} ({cmed['stored']:.3f} s" in table
 
 
 def test_each_method_gets_a_store_policy_it_can_read():
