@@ -343,3 +343,8 @@ def test_a_training_run_starts_from_the_weights_and_fine_tunes_the_trunk_slower(
     assert main(["train", recipe, bad, f"train.out={tmp_path / 'run2'}", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "recipe-typo.pth: backbone weights file not found" in err and "Traceback" not in err
+    # Weights for another trunk: refused before training, naming the file and the keys that do not fit.
+    assert main(["train", recipe, weights, "model.backbone=resnet34", f"train.out={tmp_path / 'run3'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("detkd: error: ") and "Traceback" not in err
+    assert f"{resnet18_file}: backbone weights do not fit the resnet34 trunk: 80 missing keys" in err
