@@ -257,6 +257,9 @@ def run_info(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    if info.get("kept_variance"):  # what methods comparing stored maps see of the teacher
+        kept = ", ".join(f"{lv} {100 * v:.0f} %" for lv, v in info["kept_variance"].items())
+        print(f"  variance kept by the basis (fit sample): {kept}")
     print(f"  views {', '.join(info['views'])}")
     print(
         "  levels "

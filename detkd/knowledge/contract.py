@@ -42,6 +42,7 @@ class ChannelBasis:
 
     mean: Tensor  # float32 [C]
     basis: Tensor  # float32 [C, r]
+    kept: float | None = None  # share of the fit sample's variance the basis keeps (None: not recorded)
 
     @property
     def rank(self) -> int:
@@ -62,7 +63,7 @@ class ChannelBasis:
         return self.reconstruct(self.coefficients(x, dim), dim)
 
     def to(self, device: torch.device | str) -> ChannelBasis:
-        return ChannelBasis(mean=self.mean.to(device), basis=self.basis.to(device))
+        return ChannelBasis(mean=self.mean.to(device), basis=self.basis.to(device), kept=self.kept)
 
 
 @dataclass

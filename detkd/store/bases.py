@@ -2,9 +2,11 @@
 
 Fitted once per store, before its records are built, on the teacher's features of the first
 ``fit_views`` image views (valid cells only): the mean and the top ``rank`` eigenvectors of the
-channel covariance, accumulated in float64. Saved beside the manifest as ``bases.pt`` (plain
-tensors, read back with ``weights_only``) and named by its sha256 in the manifest's ``encoding``, so
-every build process, rank and loader worker encodes and decodes with the same basis.
+channel covariance, accumulated in float64, and the share of the sample's variance they keep (what a
+method comparing stored maps sees of the teacher; ``detkd store info`` reports it). Saved beside the
+manifest as ``bases.pt`` (plain tensors, read back with ``weights_only``) and named by its sha256 in the
+manifest's ``encoding``, so every build process, rank and loader worker encodes and decodes with the same
+basis.
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ class BasisFit:
             raise StoreError(f"rank {rank} must lie between 1 and the level's {c} channels")
         mean = self.total / self.count
         cov = self.outer / self.count - torch.outer(mean, mean)
-        _, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
+        values, vectors = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
+        values = values.clamp(min=0)
+        kept = float(values[-rank:].sum() / values.sum()) if values.sum() > 0 else 1.0
         top = vectors[:, -rank:].flip(1)
         # eigh's signs are arbitrary: fix each column's largest entry positive, so refits agree.
         pivot = top.abs().argmax(0)
         top = top * torch.sign(top[pivot, torch.arange(rank)])
-        return ChannelBasis(mean=mean.float(), basis=top.float().contiguous())
+        return ChannelBasis(mean=mean.float(), basis=top.float().contiguous(), kept=kept)
 
 
 def fit_bases(
@@ -78,7 +82,12 @@ def fit_bases(
 
 def bases_bytes(bases: dict[str, ChannelBasis]) -> bytes:
     buffer = io.BytesIO()
-    torch.save({lv: {"mean": b.mean.cpu(), "basis": b.basis.cpu()} for lv, b in sorted(bases.items())}, buffer)
+    entries = {}
+    for lv, b in sorted(bases.items()):
+        entries[lv] = {"mean": b.mean.cpu(), "basis": b.basis.cpu()}
+        if b.kept is not None:  # bases files before it was recorded have no "kept"
+            entries[lv]["kept"] = torch.tensor(b.kept, dtype=torch.float64)
+    torch.save(entries, buffer)
     return buffer.getvalue()
 
 
@@ -113,7 +122,12 @@ def load_bases(store_dir: str | Path, *, sha256: str | None = None) -> dict[str,
         raise StoreError(f"{path}: its sha256 does not match the manifest's; the bases file was changed or damaged")
     try:
         raw = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        out = {lv: ChannelBasis(mean=d["mean"].float(), basis=d["basis"].float()) for lv, d in raw.items()}
+        out = {
+            lv: ChannelBasis(
+                mean=d["mean"].float(), basis=d["basis"].float(), kept=float(d["kept"]) if "kept" in d else None
+            )
+            for lv, d in raw.items()
+        }
     except Exception as exc:  # unpickling refuses anything but tensors and containers
         raise StoreError(f"{path}: not a bases file ({type(exc).__name__}: {exc})") from None
     for lv, b in out.items():

@@ -147,5 +147,18 @@ def store_info(path: str | Path) -> dict:
         "dense_fp16_bytes_per_view": dense,
         "ratio_to_dense": per_view / dense if dense else float("nan"),
         "encoding": m.encoding,
+        "kept_variance": _kept_variance(reader),
         "projected_coco": projected_record_bytes(m),
     }
+
+
+def _kept_variance(reader: StoreReader) -> dict[str, float] | None:
+    """Per level, the share of the fit sample's variance a lowrank store's basis keeps (None: not a
+    lowrank store, bases unreadable, or fitted before it was recorded)."""
+    try:
+        bases = reader.bases
+    except StoreError:
+        return None
+    if not bases or any(b.kept is None for b in bases.values()):
+        return None
+    return {lv: round(b.kept, 4) for lv, b in bases.items()}

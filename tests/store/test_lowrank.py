@@ -53,6 +53,24 @@ def test_fitted_basis_is_the_principal_subspace_of_the_cells():
     assert (proj - x).pow(2).mean() < 1e-3  # nearly all of x lies in the subspace
     with pytest.raises(StoreError, match="rank 13"):
         fit.basis(13)
+    # The share of variance kept: top singular values squared over all of them (the same SVD).
+    s = torch.linalg.svdvals((x - x.mean(0)).double()) ** 2
+    for rank in (1, 2, 3, 12):
+        assert fit.basis(rank).kept == pytest.approx(float(s[:rank].sum() / s.sum()), rel=1e-6)
+    assert fit.basis(1).kept == pytest.approx(25 / 38, abs=0.02)  # variances 25, 9, 4 and a little noise
+
+
+def test_bases_files_keep_the_kept_share_and_old_files_still_read(tmp_path):
+    from detkd.knowledge import ChannelBasis
+    from detkd.store.bases import BASES, bases_bytes, load_bases
+
+    g = torch.Generator().manual_seed(2)
+    mean, basis = torch.randn(6, generator=g), torch.linalg.qr(torch.randn(6, 2, generator=g))[0]
+    (tmp_path / BASES).write_bytes(bases_bytes({"p3": ChannelBasis(mean=mean, basis=basis, kept=0.4375)}))
+    assert load_bases(tmp_path)["p3"].kept == 0.4375
+    (tmp_path / BASES).write_bytes(bases_bytes({"p3": ChannelBasis(mean=mean, basis=basis)}))  # as before
+    old = load_bases(tmp_path)["p3"]
+    assert old.kept is None and torch.equal(old.basis, basis) and torch.equal(old.mean, mean)
 
 
 @pytest.mark.parametrize("value_dtype", ["float16", "int8", "int4"])
@@ -268,6 +286,11 @@ def test_info_projects_the_bytes_per_view_at_coco_scale(tmp_path, tiny_source, t
     run_info(type("A", (), {"store": str(tmp_path / "s")})())
     out = capsys.readouterr().out
     assert "encoding lowrank v1 rank 4" in out
+    kept = {lv: b.kept for lv, b in StoreReader(tmp_path / "s").bases.items()}
+    assert info["kept_variance"] == {lv: round(v, 4) for lv, v in kept.items()} and all(
+        0 < v <= 1 for v in kept.values()
+    )
+    assert "variance kept by the basis (fit sample): p3 " in out
     assert f"projected at COCO scale (1333x800 images, these levels and channels): {expected / 1024:.1f} KB" in out
     # Sparse policies project their cell budget, not the map: nms-ksd keeps 384 // stride cells per level.
     build(tmp_path, tiny_source, ckpt, "n", policy=SelectionPolicy(name="nms-ksd", top_k=10))
