@@ -18,23 +18,18 @@ import torch
 from tqdm import tqdm
 
 from detkd.bench.results import provenance, write_json
+from detkd.bench.steps import compute_step_times, peak_memory, step_times, sync
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.synthetic import generate_synthetic
 from detkd.data.views import ViewPolicy
 from detkd.distill.base import METHODS
-from detkd.distill.task import DistillationTask, build_method, common_levels
-from detkd.engine.optim import build_optimizer
-from detkd.engine.tasks import DetectionTask
-from detkd.knowledge.online import OnlineTeacher
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
 from detkd.store.format import parse_key
 from detkd.store.reader import StoreReader
-from detkd.store.replay import providers
 from detkd.store.select import SelectionPolicy
-from detkd.store.teacher import StoredTeacher
 from detkd.store.verify import store_info
 
 log = logging.getLogger(__name__)
@@ -76,11 +71,6 @@ def store_policy_for(method: str) -> SelectionPolicy:
     if METHODS.get(method).sparse_ok:
         return SelectionPolicy(name="nms-ksd")
     return SelectionPolicy(name="lowrank")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: a host clock needs them finished
-        torch.cuda.synchronize(device)
 
 
 def run_speed(
@@ -193,18 +183,18 @@ def run_speed(
         scale.rounds,
         scale.steps_per_round,
     )
-    times = _step_times(
+    times = step_times(
         scale, source, policy, teacher, store_dir, method=method, workers=workers, device=device, progress=progress
     )
     # The same steps on batches held in memory, the stored one's knowledge collated beforehand: what the
     # method's own work costs, apart from reading, decoding and collating the store.
-    compute = _compute_step_times(scale, source, policy, teacher, store_dir, method=method, device=device)
+    compute = compute_step_times(scale, source, policy, teacher, store_dir, method=method, device=device)
     cmed = {k: statistics.median(v) for k, v in compute.items()}
     results["compute_step_seconds_median"] = cmed
     results["compute_step_seconds_all"] = compute
     results["method_over_student_compute_ratio"] = cmed["stored"] / cmed["student"]
     # Peak device memory of each mode trained alone (None off CUDA): the stored run holds no teacher.
-    results["peak_memory_bytes"] = _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device)
+    results["peak_memory_bytes"] = peak_memory(scale, source, policy, teacher, store_dir, method, workers, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     results["step_seconds_median"] = med
     results["step_seconds_all"] = times
@@ -238,142 +228,15 @@ def _teacher_inference_ips(teacher, source, policy, scale, workers: int, device,
         first = next(iter(loader)).to(device)
         teacher.features(first.images, first.image_sizes)  # warm-up
         batches = [b.to(device) for b in loader] if preload else loader
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         n = 0
         for b in batches:
             b = b.to(device, non_blocking=cuda)
             teacher.features(b.images, b.image_sizes)
             n += len(b)
-        _sync(device)
+        sync(device)
     return n / (time.perf_counter() - t0)
-
-
-MODES = ("student", "online", "stored")
-
-
-def _make_task(mode: str, scale, teacher, reader, method: str = "fitnet"):
-    torch.manual_seed(0)
-    student = build_detector(scale.student)
-    if mode == "student":
-        return DetectionTask(student)
-    source = OnlineTeacher(teacher) if mode == "online" else StoredTeacher(reader)
-    levels = common_levels(student, source)
-    distiller = build_method(method, levels=levels, args={})
-    return DistillationTask(student, methods={method: distiller}, weights={}, teacher=source, levels=list(levels))
-
-
-def _mode_setup(mode, scale, source, policy, teacher, reader, method, workers, device):
-    """(task, loader, optimizer, scaler) of one mode, on ``device``."""
-    task = _make_task(mode, scale, teacher, reader, method).to(device)
-    if mode == "stored":
-        views, knowledge = providers(reader, source)
-        ds = ViewedDataset(source, policy, train=True, seed=0, view_provider=views, knowledge_provider=knowledge)
-    else:
-        ds = ViewedDataset(source, policy, train=True, seed=0)
-    loader = build_loader(
-        ds, batch_size=scale.batch_size, shuffle=True, workers=workers, drop_last=True, pin_memory=device.type == "cuda"
-    )
-    # Random weights: a vanishing lr keeps every step's full cost while losses stay finite.
-    opt = build_optimizer(task, name="sgd", lr=1e-12)
-    return task, loader, opt, torch.amp.GradScaler(device.type, enabled=scale.amp)
-
-
-def _train_step(task, batch, opt, scaler, device, amp: bool) -> None:
-    """One step as the trainer takes it: non-blocking copy, autocast, scaled backward, step."""
-    batch = batch.to(device, non_blocking=device.type == "cuda")
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        loss = sum(task(batch).values())
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    _sync(device)
-
-
-def _step_times(
-    scale, source, policy, teacher, store_dir, *, method, workers, device, progress: bool = False
-) -> dict[str, list[float]]:
-    reader = StoreReader(store_dir)
-    modes = {m: _mode_setup(m, scale, source, policy, teacher, reader, method, workers, device) for m in MODES}
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    iterators: dict[str, object] = {}
-    bar = tqdm(range(scale.rounds + 1), desc="step-time rounds", disable=not progress, dynamic_ncols=True)
-    for r in bar:  # round 0 warms up caches and workers, not counted
-        for mode, (task, loader, opt, scaler) in modes.items():
-            task.train()
-            for _ in range(scale.steps_per_round):
-                fresh = mode not in iterators
-                if fresh:
-                    iterators[mode] = iter(loader)
-                t0 = time.perf_counter()
-                try:
-                    batch = next(iterators[mode])
-                except StopIteration:  # epoch end: a new iterator starts its workers, not a training cost
-                    iterators[mode] = iter(loader)
-                    batch, fresh = next(iterators[mode]), True
-                _train_step(task, batch, opt, scaler, device, scale.amp)
-                if r > 0 and not fresh:  # steady state only: worker start-up is excluded for every mode
-                    times[mode].append(time.perf_counter() - t0)
-    return times
-
-
-class _Precollated:
-    """A stored teacher whose batches' knowledge was collated before timing (``knowledge`` is a lookup
-    by the batch's image tensor, which ``Batch.to`` keeps on the device it is already on)."""
-
-    def __init__(self, teacher: StoredTeacher, batches: list, needs: frozenset[str]) -> None:
-        self._teacher = teacher
-        self._knowledge = {id(b.images): teacher.knowledge(b, needs) for b in batches}
-
-    def knowledge(self, batch, needs: frozenset[str]):
-        return self._knowledge[id(batch.images)]
-
-    def __getattr__(self, name: str):
-        return getattr(self._teacher, name)
-
-
-def _compute_step_times(scale, source, policy, teacher, store_dir, *, method, device) -> dict[str, list[float]]:
-    """Student-alone and stored-distillation steps over ``steps_per_round`` batches loaded beforehand
-    (the stored ones with their knowledge collated), in interleaved rounds; round 0 warms up."""
-    reader = StoreReader(store_dir)
-    modes = {}
-    for mode in ("student", "stored"):
-        task, loader, opt, scaler = _mode_setup(mode, scale, source, policy, teacher, reader, method, 0, device)
-        batches = [b.to(device) for _, b in zip(range(scale.steps_per_round), loader, strict=False)]
-        if mode == "stored":
-            task.__dict__["teacher"] = _Precollated(task.teacher, batches, task.needs)
-        modes[mode] = (task, batches, opt, scaler)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(scale.rounds + 1):
-        for mode, (task, batches, opt, scaler) in modes.items():
-            task.train()
-            for batch in batches:
-                t0 = time.perf_counter()
-                _train_step(task, batch, opt, scaler, device, scale.amp)
-                if r > 0:
-                    times[mode].append(time.perf_counter() - t0)
-    return times
-
-
-def _peak_memory(scale, source, policy, teacher, store_dir, method, workers, device) -> dict[str, int] | None:
-    """``torch.cuda.max_memory_allocated`` over 2 steps of each mode alone on the device (teacher
-    weights resident only in the online mode); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    reader = StoreReader(store_dir)
-    peaks: dict[str, int] = {}
-    for mode in MODES:
-        teacher.to(device if mode == "online" else "cpu")
-        task, loader, opt, scaler = _mode_setup(mode, scale, source, policy, teacher, reader, method, workers, device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        for _, batch in zip(range(2), loader, strict=False):
-            _train_step(task, batch, opt, scaler, device, scale.amp)
-        peaks[mode] = int(torch.cuda.max_memory_allocated(device))
-        del task, loader, opt, scaler
-    teacher.to(device)
-    return peaks
 
 
 def _reader_throughput(store_dir: Path) -> float:
