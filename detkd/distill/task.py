@@ -92,6 +92,7 @@ class DistillationTask(nn.Module):
             self.needs |= {"coefficients"}
         self.step = 0
         self.zero_steps = 0
+        self.kept_variance: dict[str, float | None] | None = None  # per lowrank level, seen at calibration
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         self.step += 1
@@ -99,6 +100,8 @@ class DistillationTask(nn.Module):
         knowledge = self.teacher.knowledge(batch, self.needs)
         if self.step == 1:
             check_shapes(feats, knowledge, self.levels)
+        if self.kept_variance is None and knowledge.bases:
+            self._note_kept_variance(knowledge)
         student_feats = {lvl: feats[lvl] for lvl in self.levels}
         ctx = DistillContext(targets=batch.targets, image_sizes=batch.image_sizes, step=self.step)
         if "student_importance" in self.needs:
@@ -111,7 +114,9 @@ class DistillationTask(nn.Module):
             raw[name] = terms
         if self.balance.calibrating and torch.is_grad_enabled():
             self.balance.observe(
-                sum(det_losses.values()), {n: sum(t.values()) for n, t in raw.items()}, list(student_feats.values())
+                sum(det_losses.values()),
+                self._calibration_losses(raw, student_feats, knowledge, ctx),
+                list(student_feats.values()),
             )
         kd: dict[str, Tensor] = {}
         for name, terms in raw.items():
@@ -119,6 +124,41 @@ class DistillationTask(nn.Module):
             kd.update({k: w * v for k, v in terms.items()})
         self._guard(kd, det_losses)
         return {**det_losses, **kd}
+
+    def _note_kept_variance(self, knowledge: TeacherKnowledge) -> None:
+        self.kept_variance = knowledge.kept_variance()
+        if self.balance.auto and any(k is None for k in self.kept_variance.values()):
+            log.warning(
+                "the store's bases do not record the variance they keep (built by an older detkd): the auto "
+                "weights are calibrated on the projected loss and come out about 1/kept times the weights the "
+                "live teacher would get; rebuild the store to calibrate them as online"
+            )
+
+    def _calibration_losses(
+        self,
+        raw: dict[str, dict[str, Tensor]],
+        student_feats: dict[str, Tensor],
+        knowledge: TeacherKnowledge,
+        ctx: DistillContext,
+    ) -> dict[str, Tensor]:
+        """Each method's loss as the ``auto`` weight should see it. From a lowrank store a loss only
+        sees the variance the basis kept (40 % of it, say), so balancing it as it is would weight the
+        method about 1 / kept times more than the same method on the live teacher; the balance is
+        therefore measured on the variance-restored maps (``TeacherKnowledge.variance_restored``),
+        while training goes on with the stored ones."""
+        losses = {n: sum(t.values()) for n, t in raw.items()}
+        restored = knowledge.variance_restored() if self.kept_variance else None
+        if restored is None:
+            return losses
+        device = next(iter(student_feats.values())).device
+        # A forked RNG: a method's random draws (MGD's masks) in this extra pass leave training's stream alone.
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            torch.set_grad_enabled(self.balance.measure == "grad"),
+        ):
+            for name in self.balance.auto:
+                losses[name] = sum(self.methods[name](student_feats, restored, ctx).values())
+        return losses
 
     @staticmethod
     def _student_importance(det_losses: dict[str, Tensor], feats: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -152,7 +192,13 @@ class DistillationTask(nn.Module):
 
     def weight_report(self) -> dict[str, dict]:
         """Which rule set each method's weight, and the weight (see ``detkd.distill.balance``)."""
-        return self.balance.report()
+        report = self.balance.report()
+        if self.kept_variance is not None:
+            restored = all(k is not None for k in self.kept_variance.values())
+            for entry in report.values():
+                if entry["rule"] == "auto":
+                    entry.update(store_kept_variance=self.kept_variance, variance_restored=restored)
+        return report
 
     def extra_state(self) -> dict:
         return {"methods": self.methods.state_dict(), "step": self.step, "balance": self.balance.state_dict()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -122,6 +122,29 @@ class TeacherKnowledge:
         bias = (-mean if conv.bias is None else conv.bias - mean) @ b
         c = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return c if self.coefficients else basis.reconstruct(c, dim=1)
+
+    def kept_variance(self) -> dict[str, float | None]:
+        """Per lowrank level, the share of the teacher's variance its basis keeps (None: not recorded)."""
+        return {lv: b.kept for lv, b in (self.bases or {}).items() if self.features and lv in self.features}
+
+    def variance_restored(self) -> TeacherKnowledge | None:
+        """The same knowledge with each lowrank level's deviation from the basis mean scaled by
+        1 / sqrt(kept), so that on the fit sample it carries the teacher's whole variance again, not
+        the kept share of it. Training never sees it: the ``auto`` weight calibrates on it, so that a
+        loss computed from a store is balanced at the size the same loss has on the live teacher.
+        None when no level has a recorded share below one."""
+        scales = {lv: k**-0.5 for lv, k in self.kept_variance().items() if k is not None and 0.0 < k < 1.0}
+        if not scales:
+            return None
+        features = dict(self.features)
+        for lv, s in scales.items():
+            t = features[lv]
+            if self.in_coefficients(lv):  # coefficients are already deviations from the mean
+                features[lv] = t * s
+            else:
+                mean = self.basis_of(lv).mean.to(t).view(1, -1, *([1] * (t.dim() - 2)))
+                features[lv] = mean + (t - mean) * s
+        return replace(self, features=features)
 
     def full_channels(self, level: str, compared: int) -> int:
         """The channel count a per-channel mean over ``compared`` channels divides by: the teacher's
