@@ -36,8 +36,12 @@ class Row:
 def method_entry(spec: str) -> str:
     """``ssim`` -> ``{name: ssim}``; ``ssim:paper`` / ``ssim:2.5`` also set the weight (YAML flow mapping)."""
     from detkd.commands.distill import method_weight
+    from detkd.distill.base import METHODS
+    from detkd.errors import ConfigError
 
     name, _, weight = spec.partition(":")
+    if name not in METHODS:
+        raise ConfigError(f"bench accuracy: unknown method {spec!r}; available: {', '.join(METHODS.names())}")
     return f"{{name: {name}, weight: {method_weight(weight, item=spec)}}}" if weight else f"{{name: {name}}}"
 
 

@@ -133,9 +133,24 @@ def run_gpu_cmd(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def recipe_overrides_out_of(values: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """Split recipe overrides (``data.root=PATH``: a dotted key) off a list option that swallowed them:
+    ``--methods cwd data.root=x`` means the method cwd and the override, as a reader expects."""
+    if not values:
+        return values, []
+    dotted = [v for v in values if "." in v.partition("=")[0] and v.partition("=")[1]]
+    return [v for v in values if v not in dotted], dotted
+
+
 def run_accuracy_cmd(args: argparse.Namespace) -> int:
     from detkd.bench.accuracy import format_table, run_accuracy
 
+    swallowed = []
+    for option in ("methods", "store"):
+        kept, dotted = recipe_overrides_out_of(getattr(args, option))
+        setattr(args, option, kept)
+        swallowed += dotted
+    args.overrides = list(args.overrides or []) + swallowed
     stores = None
     if args.store:
         stores = {}

@@ -48,3 +48,31 @@ def test_run_accuracy_reuses_finished_runs(tmp_path, monkeypatch):
     assert list(rows) == ["student", "fitnet (online)", "fitnet (stored)"]
     assert rows["fitnet (stored)"]["AP_all"] == pytest.approx([0.07, 0.08])
     assert json.loads((out / "accuracy.json").read_text())["table"] == json.loads(json.dumps(table))
+
+
+def test_unknown_method_is_refused_before_any_training(tmp_path, monkeypatch):
+    from detkd.errors import ConfigError
+
+    monkeypatch.setattr(accuracy, "run_row", lambda *a, **k: pytest.fail("trained before checking the methods"))
+    with pytest.raises(ConfigError, match="unknown method 'cwdd'"):
+        run_accuracy(
+            recipe="r.yaml", teacher="t.pt", store=None, methods=["fitnet", "cwdd"], seeds=[0], out_dir=tmp_path
+        )
+
+
+def test_overrides_swallowed_by_a_list_option_reach_the_recipe(monkeypatch):
+    """``--methods cwd data.root=x`` (argparse gives the override to --methods) means cwd plus the override."""
+    from detkd.cli import main
+
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(accuracy, "run_accuracy", record)
+    monkeypatch.setattr("detkd.models.checkpoint.read_checkpoint", lambda path: {})
+    argv = ["bench", "accuracy", "--recipe", "r.yaml", "--teacher", "t.pt", "--store", "s", "gkd=s2", "train.lr=0.1"]
+    main(argv + ["--methods", "cwd", "gkd:2", "data.root=/d", "train.epochs=6", "--out", "o", "train.seed=3"])
+    assert seen["methods"] == ["cwd", "gkd:2"] and seen["store"] == {"*": "s", "gkd": "s2"}
+    assert sorted(seen["overrides"]) == ["data.root=/d", "train.epochs=6", "train.lr=0.1", "train.seed=3"]
