@@ -260,6 +260,11 @@ def run_info(args: argparse.Namespace) -> int:
     if info.get("kept_variance"):  # what methods comparing stored maps see of the teacher
         kept = ", ".join(f"{lv} {100 * v:.0f} %" for lv, v in info["kept_variance"].items())
         print(f"  variance kept by the basis (fit sample): {kept}")
+    elif info["encoding"] and info["encoding"].get("name") == "lowrank":
+        print(
+            "  variance kept by the basis: not recorded (built by an older detkd), so `auto` weights from this "
+            "store are calibrated on the projected loss, not variance-restored; rebuild the store to record it"
+        )
     print(f"  views {', '.join(info['views'])}")
     print(
         "  levels "

@@ -1,6 +1,7 @@
 """The lowrank store encoding: fitted bases, coefficient maps, their bytes, and what methods see."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from detkd.distill.defeat import DeFeat
 from detkd.distill.gkd import GKD
 from detkd.errors import ConfigError
 from detkd.knowledge import ChannelBasis, TeacherKnowledge
-from detkd.store.bases import BASES, BasisFit, load_bases
+from detkd.store.bases import BASES, BasisFit, bases_bytes, bases_sha256, load_bases
 from detkd.store.codec import as_stored, decode_levels, encode_levels
 from detkd.store.collate import collate_knowledge
 from detkd.store.format import LevelRecord, StoreError, decode_record, encode_record
@@ -291,6 +292,15 @@ def test_info_projects_the_bytes_per_view_at_coco_scale(tmp_path, tiny_source, t
         0 < v <= 1 for v in kept.values()
     )
     assert "variance kept by the basis (fit sample): p3 " in out
+    # A store built before the share was recorded says so, and what it means for `auto` weights.
+    old = {lv: type(b)(mean=b.mean, basis=b.basis) for lv, b in StoreReader(tmp_path / "s").bases.items()}
+    (tmp_path / "s" / BASES).write_bytes(bases_bytes(old))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["encoding"]["sha256"] = bases_sha256(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    assert store_info(tmp_path / "s")["kept_variance"] is None
+    run_info(type("A", (), {"store": str(tmp_path / "s")})())
+    assert "variance kept by the basis: not recorded (built by an older detkd)" in capsys.readouterr().out
     assert f"projected at COCO scale (1333x800 images, these levels and channels): {expected / 1024:.1f} KB" in out
     # Sparse policies project their cell budget, not the map: nms-ksd keeps 384 // stride cells per level.
     build(tmp_path, tiny_source, ckpt, "n", policy=SelectionPolicy(name="nms-ksd", top_k=10))
