@@ -4,6 +4,7 @@ A store's basis keeps a share ``kept`` of the teacher's variance; a loss on the 
 that share, so balancing it as it is would weight a method about 1 / kept times more than online.
 """
 
+import dataclasses
 import logging
 
 import pytest
@@ -39,6 +40,11 @@ def _fit(maps: dict[str, torch.Tensor], rank: int = RANK):
         fit.add(t.permute(0, 2, 3, 1).reshape(-1, C_TEACHER))
         bases[lv] = fit.basis(min(rank, fit.count - 1, C_TEACHER))
     return bases
+
+
+def _with_kept(bases: dict, kept: float | None) -> dict:
+    """The same bases with another recorded share (None: a store built before it was recorded)."""
+    return {lv: dataclasses.replace(b, kept=kept) for lv, b in bases.items()}
 
 
 def _stored(maps, bases, *, coefficients: bool) -> TeacherKnowledge:
@@ -77,7 +83,7 @@ def test_nothing_to_restore_without_a_recorded_share_below_one():
     bases = _fit(maps)
     assert TeacherKnowledge(features=maps).variance_restored() is None  # a live teacher
     for kept in (None, 1.0):
-        old = {lv: type(b)(mean=b.mean, basis=b.basis, kept=kept) for lv, b in bases.items()}
+        old = _with_kept(bases, kept)
         assert _stored(maps, old, coefficients=False).variance_restored() is None
     full = _fit(maps, rank=C_TEACHER)  # every direction kept: kept == 1
     assert full["p3"].kept == pytest.approx(1.0)
@@ -142,7 +148,7 @@ def test_stored_auto_weight_is_the_online_one(spec_factory, method, coefficients
     kept = {lv: b.kept for lv, b in bases.items()}
     w_stored, entry = _auto_weight(spec_factory, method, lambda s: _stored(maps_of, bases, coefficients=coefficients))
     assert entry["variance_restored"] and entry["store_kept_variance"] == kept
-    old = {lv: type(b)(mean=b.mean, basis=b.basis) for lv, b in bases.items()}
+    old = _with_kept(bases, None)
     w_old, entry = _auto_weight(spec_factory, method, lambda s: _stored(maps_of, old, coefficients=coefficients))
     assert not entry["variance_restored"]
     assert w_stored == pytest.approx(w_online, rel=0.2)
@@ -153,7 +159,7 @@ def test_training_losses_are_untouched_by_the_calibration_pass(spec_factory):
     """MGD draws random masks; the extra calibration pass must not shift training's random stream."""
     maps = _teacher_maps({"p3": (8, 8), "p4": (4, 4), "p5": (2, 2), "p6": (1, 1), "p7": (1, 1)})
     bases = _fit(maps)
-    old = {lv: type(b)(mean=b.mean, basis=b.basis) for lv, b in bases.items()}
+    old = _with_kept(bases, None)
     unweighted = []
     for served in (bases, old):  # with and without the restoration pass
         torch.manual_seed(0)
@@ -187,7 +193,7 @@ def test_old_store_warns_that_its_weights_are_not_calibrated_as_online(spec_fact
 
     def old_store(shapes):
         maps_of.update(_teacher_maps(shapes))
-        bases = {lv: type(b)(mean=b.mean, basis=b.basis) for lv, b in _fit(maps_of).items()}
+        bases = _with_kept(_fit(maps_of), None)
         return _stored(maps_of, bases, coefficients=False)
 
     with caplog.at_level(logging.WARNING, logger="detkd.distill.task"):
