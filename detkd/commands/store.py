@@ -62,10 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--value-dtype",
-        choices=["float16", "int8", "int4"],
+        choices=["float16", "int8", "int4", "int2"],
         default=None,
         help="stored feature values: float16, or int8 / int4 with a float16 scale per cell (1/2, 1/4 the bytes; "
-        "lowrank: one scale per coefficient map); default int4, float16 for dense",
+        "lowrank: one scale per coefficient map); int2: lowrank only, 4 levels per coefficient (1/8 the bytes, "
+        "so twice int4's rank at equal size); default int4, float16 for dense",
     )
     b.add_argument(
         "--views",

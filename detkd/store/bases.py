@@ -25,8 +25,9 @@ from detkd.store.format import StoreError, os_error
 
 BASES = "bases.pt"
 # Of the lowrank layout. 1: coefficients [r, h, w] ("c") and one scale per component ("k");
-# 2: also levels pooled k x k, with their full valid size and k in "u" (written only when a level is pooled).
-ENCODING_VERSION = 2
+# 2: also levels pooled k x k, with their full valid size and k in "u" (written only when a level is pooled);
+# 3: also int2 coefficients, packed four cells per byte with a step per component in "m" (and "u" always).
+ENCODING_VERSION = 3
 
 
 class BasisFit:
@@ -136,11 +137,12 @@ def load_bases(store_dir: str | Path, *, sha256: str | None = None) -> dict[str,
     return out
 
 
-def encoding_entry(*, rank: int, fit_views: int, sha256: str, pooled: bool = False) -> dict:
-    """What the manifest records of a lowrank encoding (part of the store's identity)."""
+def encoding_entry(*, rank: int, fit_views: int, sha256: str, pooled: bool = False, int2: bool = False) -> dict:
+    """What the manifest records of a lowrank encoding (part of the store's identity). The version is the
+    oldest layout that reads it, so stores that use nothing newer stay readable by older detkd."""
     return {
         "name": "lowrank",
-        "version": ENCODING_VERSION if pooled else 1,
+        "version": 3 if int2 else 2 if pooled else 1,
         "rank": int(rank),
         "fit_views": int(fit_views),
         "bases": BASES,

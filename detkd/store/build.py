@@ -353,7 +353,9 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
     sha = bases_sha256(out_dir)
     bases = load_bases(out_dir, sha256=sha)
     pooled = any(k > 1 for k in policy.pool.values())
-    return bases, encoding_entry(rank=policy.rank, fit_views=policy.fit_views, sha256=sha, pooled=pooled)
+    return bases, encoding_entry(
+        rank=policy.rank, fit_views=policy.fit_views, sha256=sha, pooled=pooled, int2=policy.value_dtype == "int2"
+    )
 
 
 def _teacher_ap(

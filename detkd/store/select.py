@@ -20,7 +20,7 @@ from torch import Tensor
 
 from detkd.errors import ConfigError
 from detkd.knowledge import ChannelBasis, KnowledgeOffer
-from detkd.store.codec import VALUE_DTYPES
+from detkd.store.codec import COEFFICIENT_ONLY_DTYPES, VALUE_DTYPES
 from detkd.store.detections import detection_cells
 from detkd.store.format import LevelRecord, StoreError
 from detkd.store.peaks import SALIENCY
@@ -51,7 +51,8 @@ class SelectionPolicy:
     or None for ``default_top_k(stride)``; ``density`` (if set) further caps each level at
     ceil(density x its valid cells), so the stored fraction of a map does not grow as images shrink.
     Values are stored after grouped channel max pooling by ``channel_group``, as ``value_dtype``:
-    "float16", or "int8" / "int4" with a float16 scale per cell (``detkd.store.codec``). None picks
+    "float16", or "int8" / "int4" with a float16 scale per cell (``detkd.store.codec``), or (lowrank
+    only) "int2", four levels per coefficient with a step per component. None picks
     int4 for cell selectors (a 1 % budget at 128 px; measured to cost no AP beyond seed noise, see
     README) and float16 for the ``dense`` selector, which exists for methods needing exact whole maps.
     ``channel_group`` None picks the selector's default (4; 1 for ``lowrank``, which projects full-width
@@ -110,6 +111,13 @@ class SelectionPolicy:
             self.value_dtype = SELECTORS.get(self.name).default_value_dtype
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"selection policy value_dtype: unknown {self.value_dtype!r}; choose {VALUE_DTYPES}")
+        if self.value_dtype in COEFFICIENT_ONLY_DTYPES and not all(
+            SELECTORS.get(m).needs_basis for m in [self.name, *self.per_level.values()]
+        ):
+            raise ConfigError(
+                f"selection policy value_dtype {self.value_dtype}: only lowrank coefficient maps are stored so (no "
+                "per-cell scale); cell values and dense maps need int4, int8 or float16"
+            )
         if self.saliency not in SALIENCY:
             raise ConfigError(f"selection policy saliency: unknown {self.saliency!r}; choose one of {SALIENCY}")
         if self.threshold_mode not in ("relative", "absolute"):

@@ -166,7 +166,9 @@ def test_bad_layouts_are_refused():
     with pytest.raises(StoreError, match="even count"):
         encode_levels({"p3": LevelRecord(values=torch.zeros(1, 3))}, feature_shapes=SHAPES, value_dtype="int4")
     with pytest.raises(ConfigError, match="value_dtype"):
-        encode_levels({}, feature_shapes=SHAPES, value_dtype="int2")
+        encode_levels({}, feature_shapes=SHAPES, value_dtype="int3")
+    with pytest.raises(ConfigError, match="only low-rank coefficient maps"):
+        encode_levels({"p3": LevelRecord(values=torch.zeros(1, 4))}, feature_shapes=SHAPES, value_dtype="int2")
     with pytest.raises(ConfigError, match="value_dtype"):
         SelectionPolicy(value_dtype="bfloat16")
     assert layout_dtypes("int8")["values"].startswith("int8") and layout_dtypes("int4")["dense"].startswith("int4")
