@@ -24,6 +24,7 @@ from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.synthetic import generate_synthetic
 from detkd.data.views import ViewPolicy
 from detkd.distill.base import METHODS
+from detkd.errors import ConfigError
 from detkd.models.builders import DetectorSpec, build_detector
 from detkd.models.checkpoint import save_checkpoint
 from detkd.store.build import build_store
@@ -65,12 +66,14 @@ def gpu_scale() -> SpeedScale:
     return SpeedScale(128, 800, 16, 3, 6, student, teacher, amp=True)
 
 
-def store_policy_for(method: str) -> SelectionPolicy:
+def store_policy_for(method: str, *, rank: int | None = None, value_dtype: str | None = None) -> SelectionPolicy:
     """The compact store a method trains from: nms-ksd cells (int4) for position-wise methods, lowrank
-    whole maps (rank 16, int4) for methods that need whole maps (cwd, defeat, ...)."""
+    whole maps (rank 16, int4, or ``rank`` / ``value_dtype``) for methods that need whole maps (cwd, defeat, ...)."""
     if METHODS.get(method).sparse_ok:
-        return SelectionPolicy(name="nms-ksd")
-    return SelectionPolicy(name="lowrank")
+        if rank is not None:
+            raise ConfigError(f"bench speed: {method} trains from an nms-ksd store; a rank applies to lowrank stores")
+        return SelectionPolicy(name="nms-ksd", value_dtype=value_dtype)
+    return SelectionPolicy(name="lowrank", rank=16 if rank is None else rank, value_dtype=value_dtype)
 
 
 def run_speed(
@@ -83,6 +86,8 @@ def run_speed(
     device: str | torch.device = "cpu",
     data_dir: str | Path | None = None,
     progress: bool = True,
+    store_rank: int | None = None,
+    store_value_dtype: str | None = None,
 ) -> dict:
     """Measure everything side by side in one process; ``scale`` overrides the CPU scale (``gpu_scale()``,
     tests). ``data_dir`` shares one synthetic data set between runs (default ``out_dir/data``).
@@ -93,7 +98,7 @@ def run_speed(
     out.mkdir(parents=True, exist_ok=True)
     scale = scale or cpu_scale(quick)
     device = torch.device(device)
-    store_policy = store_policy_for(method)
+    store_policy = store_policy_for(method, rank=store_rank, value_dtype=store_value_dtype)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
     log.info("bench speed [1/4]: %d synthetic images in %s, a random-weight teacher", scale.images, data_dir)
     if not (data_dir / "annotations" / "train.json").is_file():
@@ -253,6 +258,11 @@ def write_results(results: dict, path: str | Path) -> None:
     write_json(path, {**provenance(), **results})
 
 
+def _policy_words(policy: dict) -> str:
+    words = f"{policy['name']} {policy.get('value_dtype')}"
+    return f"{words} rank {policy['rank']}" if policy["name"] == "lowrank" else words
+
+
 def format_results(r: dict) -> str:
     med = r["step_seconds_median"]
     lines = [
@@ -268,7 +278,7 @@ def format_results(r: dict) -> str:
         f"{r['method_over_student_compute_ratio']:.3f}",
         f"store size: {r['store_bytes_per_image_view']:.0f} B per image-view vs dense fp16 "
         f"{r['dense_fp16_bytes_per_image_view']:.0f} B: ratio {r['store_over_dense_size_ratio']:.4f} (goal <= 0.05; "
-        f"policy {r['scale']['store_policy']['name']})",
+        f"policy {_policy_words(r['scale']['store_policy'])})",
         f"  projected at COCO scale ({r['projected_coco']['image_hw'][1]}x{r['projected_coco']['image_hw'][0]}): "
         f"{r['projected_coco']['bytes_per_view'] / 1024:.1f} KB per image-view (goal <= 32 KB)",
         f"build throughput (medians of {len(r['throughput_rounds_image_views_per_s']['build'])} interleaved rounds) "

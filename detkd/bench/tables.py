@@ -165,7 +165,8 @@ def speed_table(payload: dict) -> str:
     ]
     lines = ["| figure | measured | goal |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     foot = (
-        f"Method `{scale['method']}`, store policy `{store['name']}` ({store.get('value_dtype')}); "
+        f"Method `{scale['method']}`, store policy `{store['name']}` ({store.get('value_dtype')}"
+        f"{', rank ' + str(store['rank']) if store['name'] == 'lowrank' else ''}); "
         f"{scale['images']} synthetic images at {scale['size']} px, batch {scale['batch_size']}, student FCOS "
         f"{scale['student']['backbone']}/FPN-{scale['student']['fpn_channels']}, teacher FCOS "
         f"{scale['teacher']['backbone']}/FPN-{scale['teacher']['fpn_channels']} (random weights), "

@@ -20,6 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="fitnet",
         help="distillation method measured (fitnet/pkd train from an nms-ksd store, the others from lowrank)",
     )
+    s.add_argument("--rank", type=int, default=None, help="lowrank store: coefficients per cell (default 16)")
+    s.add_argument(
+        "--value-dtype",
+        choices=["float16", "int8", "int4", "int2"],
+        default=None,
+        help="stored values (default int4; int2: lowrank only)",
+    )
     s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
 
@@ -111,6 +118,8 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
         workers=args.workers,
         method=args.method,
         progress=not args.no_progress,
+        store_rank=args.rank,
+        store_value_dtype=args.value_dtype,
         **extra,
     )
     print(format_results(results))

@@ -12,6 +12,7 @@ import pytest
 
 from detkd import api
 from detkd.bench.speed import SpeedScale, format_results, run_speed, store_policy_for, write_results
+from detkd.errors import ConfigError
 
 RATIOS = (
     "stored_over_student_step_ratio",
@@ -164,3 +165,13 @@ def test_each_method_gets_a_store_policy_it_can_read():
             assert policy.name == "nms-ksd", name
         else:
             assert (policy.name, policy.channel_group, policy.rank, policy.value_dtype) == ("lowrank", 1, 16, "int4")
+
+
+def test_the_lowrank_store_measured_can_be_chosen():
+    policy = store_policy_for("defeat", rank=5, value_dtype="int2")
+    assert (policy.name, policy.rank, policy.value_dtype) == ("lowrank", 5, "int2")
+    with pytest.raises(ConfigError, match="a rank applies to lowrank stores"):
+        store_policy_for("fitnet", rank=5)
+    with pytest.raises(ConfigError, match="only lowrank coefficient maps"):
+        store_policy_for("fitnet", value_dtype="int2")
+    assert store_policy_for("fitnet", value_dtype="int8").value_dtype == "int8"
