@@ -75,6 +75,10 @@ def _store_lines(payload: dict) -> list[str]:
     for info, specs in stores.values():
         enc = info.get("encoding") or {}
         kind = f"{info['policy']} rank {enc['rank']}" if enc.get("rank") else info["policy"]
+        if info.get("level_rank"):
+            kind += " (" + ", ".join(f"{lv} {r}" for lv, r in info["level_rank"].items()) + ")"
+        if info.get("pool"):
+            kind += ", pooled " + ", ".join(f"{lv} 1/{k}" for lv, k in info["pool"].items())
         extra = ", with GKD importance maps" if info.get("importance") else ""
         out.append(
             f"Store for {', '.join(specs)}: {kind} {info.get('value_dtype')}{extra}, {info['bytes_per_view']:.0f} B "

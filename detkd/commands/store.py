@@ -49,6 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--rank", type=int, default=16, help="lowrank: coefficients kept per cell (default 16)")
     b.add_argument(
+        "--level-rank",
+        default="",
+        help="lowrank: another rank for these levels, e.g. p4=12,p5=12 (p3 holds 3/4 of the cells; default: none)",
+    )
+    b.add_argument(
         "--pool",
         default="",
         help="lowrank: keep these levels' coefficient maps at 1/k resolution, e.g. p3=2,p4=2 (k x k means, "
@@ -165,6 +170,7 @@ def run_build(args: argparse.Namespace) -> int:
         rank=args.rank,
         fit_views=args.fit_views,
         pool=_level_map("--pool", args.pool, int),
+        level_rank=_level_map("--level-rank", args.level_rank, int),
     )
     source = open_source(args.data, format=args.format, split=args.split)
     sizes = args.size or teacher_sizes(args.teacher)
@@ -253,6 +259,7 @@ def run_info(args: argparse.Namespace) -> int:
         + (
             f"  encoding {info['encoding']['name']} v{info['encoding']['version']} rank {info['encoding']['rank']} "
             f"(bases fitted on {info['encoding']['fit_views']} views, sha256 {info['encoding']['sha256'][:12]}...)"
+            + (f"  level ranks {info['policy']['level_rank']}" if info["policy"].get("level_rank") else "")
             + (f"  pooled {info['policy']['pool']}" if info["policy"].get("pool") else "")
             if info["encoding"]
             else ""

@@ -64,10 +64,13 @@ class BasisFit:
 
 
 def fit_bases(
-    batches: Iterable[tuple[dict[str, Tensor], list[tuple[int, int]]]], *, rank: int, levels: list[str]
+    batches: Iterable[tuple[dict[str, Tensor], list[tuple[int, int]]]],
+    *,
+    rank: int | dict[str, int],
+    levels: list[str],
 ) -> dict[str, ChannelBasis]:
     """Bases of ``levels`` from teacher feature batches ({level: [N, C, H, W]}, valid (rows, cols) per
-    image per level given as ``valid[level][i]``)."""
+    image per level given as ``valid[level][i]``), of ``rank`` (one for all levels, or {level: rank})."""
     fits: dict[str, BasisFit] = {}
     for features, valid in batches:
         for level in levels:
@@ -78,7 +81,7 @@ def fit_bases(
     missing = [lv for lv in levels if lv not in fits]
     if missing:
         raise StoreError(f"no teacher features to fit a basis on for level(s) {missing}")
-    return {lv: fits[lv].basis(rank) for lv in levels}
+    return {lv: fits[lv].basis(rank[lv] if isinstance(rank, dict) else rank) for lv in levels}
 
 
 def bases_bytes(bases: dict[str, ChannelBasis]) -> bytes:

@@ -222,19 +222,23 @@ def _build_locked(
 
     def width(level: str) -> int:  # numbers kept per cell
         if policy.selector_for(level).needs_basis:
-            return policy.rank
+            return policy.rank_for(level)
         return teacher.channels[level] // policy.channel_group
 
     odd = [lv for lv in teacher.levels if width(lv) % 2]
     if policy.value_dtype == "int4" and odd:
         raise StoreError(
             f"int4 values pack two numbers per byte, but level(s) {odd} keep an odd number per cell (channel_group "
-            f"{policy.channel_group}, rank {policy.rank}); choose another channel_group or rank, or --value-dtype int8"
+            f"{policy.channel_group}, ranks {[width(lv) for lv in odd]}); choose another channel_group or rank, or "
+            "--value-dtype int8 / int2"
         )
     lowrank = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
-    too_wide = [lv for lv in lowrank if policy.rank > teacher.channels[lv]]
+    too_wide = [lv for lv in lowrank if policy.rank_for(lv) > teacher.channels[lv]]
     if too_wide:
-        raise StoreError(f"rank {policy.rank} exceeds the channels of level(s) {too_wide}; choose a smaller --rank")
+        raise StoreError(
+            f"rank {[policy.rank_for(lv) for lv in too_wide]} exceeds the channels of level(s) {too_wide}; "
+            "choose a smaller --rank / --level-rank"
+        )
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     bases, encoding = None, {}
     if policy.needs_basis(teacher.levels):
@@ -347,9 +351,10 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
                 yield feats, valid
 
         levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
-        fitted = fit_bases(feature_batches(), rank=policy.rank, levels=levels)
+        ranks = {lv: policy.rank_for(lv) for lv in levels}
+        fitted = fit_bases(feature_batches(), rank=ranks, levels=levels)
         if save_bases(out_dir, fitted):
-            log.info("%s: fitted rank-%d bases of %s on %d image views", out_dir, policy.rank, levels, len(pairs))
+            log.info("%s: fitted bases of ranks %s on %d image views", out_dir, ranks, len(pairs))
     sha = bases_sha256(out_dir)
     bases = load_bases(out_dir, sha256=sha)
     pooled = any(k > 1 for k in policy.pool.values())

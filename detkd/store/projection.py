@@ -33,7 +33,7 @@ def projected_record_bytes(manifest: Manifest, image_hw: tuple[int, int] = COCO_
         if importance:
             extras = {IMPORTANCE_SPATIAL: torch.zeros(1, h, w).half(), IMPORTANCE_CHANNEL: torch.zeros(channels)}
         if selector.needs_basis:
-            levels[lv] = LevelRecord(coefficients=torch.zeros(policy.rank, h, w).half(), extras=extras)
+            levels[lv] = LevelRecord(coefficients=torch.zeros(policy.rank_for(lv), h, w).half(), extras=extras)
         elif selector.serves_maps:
             levels[lv] = LevelRecord(dense=torch.zeros(channels // policy.channel_group, h, w).half(), extras=extras)
         else:

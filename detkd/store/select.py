@@ -59,7 +59,9 @@ class SelectionPolicy:
     maps). ``lowrank``: ``rank`` coefficients per cell on a per-level principal basis fitted on the
     teacher's features of the first ``fit_views`` image views (``detkd.store.bases``); ``pool``
     {level: k} keeps a lowrank level's coefficient maps at 1/k resolution (k x k means; served repeated
-    back to full size), which divides its bytes by k^2 (``detkd.store.codec.encode_levels``).
+    back to full size), which divides its bytes by k^2 (``detkd.store.codec.encode_levels``);
+    ``level_rank`` {level: r} overrides ``rank`` by level: at COCO scale p3 holds three quarters of an
+    FPN's cells, so a few coefficients fewer there pay for many more on the coarser levels.
     """
 
     name: str = "nms-ksd"
@@ -74,6 +76,7 @@ class SelectionPolicy:
     rank: int = 16
     fit_views: int = 256
     pool: dict[str, int] = field(default_factory=dict)
+    level_rank: dict[str, int] = field(default_factory=dict)
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -99,6 +102,14 @@ class SelectionPolicy:
             )
         if self.rank < 1 or self.fit_views < 1:
             raise ConfigError(f"selection policy: rank and fit_views must be >= 1, got {self.rank}, {self.fit_views}")
+        for level, r in self.level_rank.items():
+            if not isinstance(r, int) or r < 1:
+                raise ConfigError(f"selection policy level_rank[{level!r}]: must be an integer >= 1, got {r!r}")
+            if not self.selector_for(level).needs_basis:
+                raise ConfigError(
+                    f"selection policy level_rank[{level!r}]: only lowrank levels have a rank, "
+                    f"and {level} is {self.mode_for(level)!r}"
+                )
         for level, k in self.pool.items():
             if not isinstance(k, int) or k < 1:
                 raise ConfigError(f"selection policy pool[{level!r}]: must be an integer >= 1, got {k!r}")
@@ -128,6 +139,10 @@ class SelectionPolicy:
             raise ConfigError(
                 f"selection policy: assign must be 'size' or 'all' and dilate >= 0, got {self.assign!r}, {self.dilate}"
             )
+
+    def rank_for(self, level: str) -> int:
+        """Coefficients per cell kept at a lowrank ``level``."""
+        return int(self.level_rank.get(level, self.rank))
 
     def mode_for(self, level: str) -> str:
         return self.per_level.get(level, self.name)

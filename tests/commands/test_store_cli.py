@@ -121,3 +121,19 @@ def test_build_defaults_to_the_teachers_training_size(setup, capsys):
         == 0
     )
     assert "records no training size: views at 128 px" in capsys.readouterr().out
+
+
+def test_an_int2_store_with_level_ranks_from_the_command_line(setup, capsys):
+    from detkd.store.reader import StoreReader
+
+    root, data = setup
+    args = ("--policy", "lowrank", "--rank", "2", "--level-rank", "p4=5,p5=3", "--value-dtype", "int2")
+    assert store_build(root, data, "i2", *args, "--fit-views", "4") == 0
+    out = capsys.readouterr().out
+    assert "values int2" in out and "encoding lowrank v3 rank 2" in out and "level ranks {'p4': 5, 'p5': 3}" in out
+    assert {lv: b.rank for lv, b in StoreReader(root / "i2").bases.items()} == {
+        "p3": 2, "p4": 5, "p5": 3, "p6": 2, "p7": 2
+    }  # fmt: skip
+    assert main(["store", "verify", str(root / "i2")]) == 0
+    assert store_build(root, data, "bad", "--value-dtype", "int2") == 2  # nms-ksd cells need a scale per cell
+    assert "only lowrank coefficient maps" in capsys.readouterr().err
