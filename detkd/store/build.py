@@ -220,25 +220,7 @@ def _build_locked(
                 "--channel-group 1: GKD imitates whole, full-width maps"
             )
 
-    def width(level: str) -> int:  # numbers kept per cell
-        if policy.selector_for(level).needs_basis:
-            return policy.rank_for(level)
-        return teacher.channels[level] // policy.channel_group
-
-    odd = [lv for lv in teacher.levels if width(lv) % 2]
-    if policy.value_dtype == "int4" and odd:
-        raise StoreError(
-            f"int4 values pack two numbers per byte, but level(s) {odd} keep an odd number per cell (channel_group "
-            f"{policy.channel_group}, ranks {[width(lv) for lv in odd]}); choose another channel_group or rank, or "
-            "--value-dtype int8 / int2"
-        )
-    lowrank = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
-    too_wide = [lv for lv in lowrank if policy.rank_for(lv) > teacher.channels[lv]]
-    if too_wide:
-        raise StoreError(
-            f"rank {[policy.rank_for(lv) for lv in too_wide]} exceeds the channels of level(s) {too_wide}; "
-            "choose a smaller --rank / --level-rank"
-        )
+    policy.check_channels(teacher.channels)
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     bases, encoding = None, {}
     if policy.needs_basis(teacher.levels):

@@ -154,6 +154,28 @@ class SelectionPolicy:
         """Some level is encoded on a fitted basis (``store.bases`` must fit one before the build)."""
         return any(self.selector_for(lv).needs_basis for lv in levels)
 
+    def check_channels(self, channels: dict[str, int]) -> None:
+        """Refuse, before a build, what this policy cannot store of a teacher with these channels per level."""
+
+        def width(level: str) -> int:  # numbers kept per cell
+            return (
+                self.rank_for(level) if self.selector_for(level).needs_basis else channels[level] // self.channel_group
+            )
+
+        odd = [lv for lv in channels if width(lv) % 2]
+        if self.value_dtype == "int4" and odd:
+            raise StoreError(
+                f"int4 values pack two numbers per byte, but level(s) {odd} keep an odd number per cell (channel_group "
+                f"{self.channel_group}, numbers per cell {[width(lv) for lv in odd]}); choose another channel_group or "
+                "rank, or --value-dtype int8 / int2"
+            )
+        too_wide = [lv for lv in channels if self.selector_for(lv).needs_basis and self.rank_for(lv) > channels[lv]]
+        if too_wide:
+            raise StoreError(
+                f"rank {[self.rank_for(lv) for lv in too_wide]} exceeds the channels of level(s) {too_wide}; "
+                "choose a smaller --rank / --level-rank"
+            )
+
     def needs_detections(self, levels) -> bool:
         """The teacher's detections must be computed for a batch (a detection-based selector is used)."""
         return any(self.selector_for(lv).needs_detections for lv in levels)
