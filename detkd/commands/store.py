@@ -47,11 +47,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="grouped channel max pooling C -> C/r, 1 = off (default: 4; 1 for lowrank)",
     )
-    b.add_argument("--rank", type=int, default=16, help="lowrank: coefficients kept per cell (default 16)")
+    b.add_argument("--rank", type=int, default=None, help="lowrank: coefficients kept per cell (default 16)")
     b.add_argument(
         "--level-rank",
         default="",
         help="lowrank: another rank for these levels, e.g. p4=12,p5=12 (p3 holds 3/4 of the cells; default: none)",
+    )
+    b.add_argument(
+        "--budget-kb",
+        type=float,
+        default=None,
+        help="lowrank: instead of --rank, the most KB (1024 B) one image-view's record may take at COCO scale "
+        "(1333x800); the build picks int2 or int4 (unless --value-dtype says) and each level's rank from the "
+        "teacher's fitted spectra, keeping the most variance per cell",
     )
     b.add_argument(
         "--pool",
@@ -155,6 +163,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     if (args.shard is None) != (args.num_shards is None):
         raise ConfigError("--shard and --num-shards go together")
+    if args.budget_kb is not None and (args.level_rank or args.rank is not None):
+        raise ConfigError("--budget-kb chooses the ranks itself; drop --rank / --level-rank, or the budget")
     top_k = None
     if args.top_k is not None:
         top_k = _level_map("--top-k", args.top_k, int) if "=" in args.top_k else _number("--top-k", args.top_k, int)
@@ -167,10 +177,11 @@ def run_build(args: argparse.Namespace) -> int:
         density=args.density,
         channel_group=args.channel_group,
         value_dtype=args.value_dtype,
-        rank=args.rank,
+        rank=16 if args.rank is None else args.rank,
         fit_views=args.fit_views,
         pool=_level_map("--pool", args.pool, int),
         level_rank=_level_map("--level-rank", args.level_rank, int),
+        budget_kb=args.budget_kb,
     )
     source = open_source(args.data, format=args.format, split=args.split)
     sizes = args.size or teacher_sizes(args.teacher)
@@ -261,6 +272,7 @@ def run_info(args: argparse.Namespace) -> int:
             f"(bases fitted on {info['encoding']['fit_views']} views, sha256 {info['encoding']['sha256'][:12]}...)"
             + (f"  level ranks {info['policy']['level_rank']}" if info["policy"].get("level_rank") else "")
             + (f"  pooled {info['policy']['pool']}" if info["policy"].get("pool") else "")
+            + (f"  chosen for {info['policy']['budget_kb']:g} KB" if info["policy"].get("budget_kb") else "")
             if info["encoding"]
             else ""
         )

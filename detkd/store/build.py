@@ -19,28 +19,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from detkd.data.formats.base import DetectionSource
-from detkd.data.loader import Batch, Collate, ViewedDataset
-from detkd.data.sample import ImageRecord
+from detkd.data.loader import Collate
 from detkd.data.views import View, ViewPolicy
 from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
-from detkd.errors import DataError
 from detkd.models.checkpoint import check_classes, file_sha256, load_detector
 from detkd.models.detector import Detector
-from detkd.store.bases import BASES, bases_sha256, encoding_entry, fit_bases, load_bases, save_bases
+from detkd.store.bases import BASES, bases_sha256, encoding_entry, fit_moments, load_bases, load_spectra, save_bases
+from detkd.store.budget import fit_to_budget
 from detkd.store.codec import layout_dtypes
 from detkd.store.content import content_digest
 from detkd.store.format import StoreError
 from detkd.store.lock import BuildLock
 from detkd.store.manifest import Manifest
+from detkd.store.pairs import PairCollate, PairDataset
 from detkd.store.select import SelectionPolicy, valid_cells
 from detkd.store.teacher_pass import select_batch
 from detkd.store.writer import StoreWriter, shard_indices
@@ -50,65 +49,6 @@ log = logging.getLogger(__name__)
 # Names the preprocessing of ``apply_view`` + ``Collate``; a store built under another rule is refused.
 RESIZE_RULE = "longer-side, bilinear antialias, top-left on a zero canvas"
 DEFAULT_IMPORTANCE_MODE = {"channel_mode": "signed", "activation_mode": "signed"}  # knowledge.importance defaults
-
-
-@dataclass(frozen=True)
-class FixedView:
-    """A picklable view provider that always answers one view (one build pass per view)."""
-
-    view: View
-
-    def __call__(self, record: ImageRecord, rng) -> View:
-        return self.view
-
-
-@dataclass(frozen=True)
-class _Read:
-    """What reading one (image, view) pair found out besides the sample: its file's digest, or why it failed."""
-
-    index: int
-    view: View
-    digest: str | None
-    error: str | None
-
-
-class _PairDataset(Dataset):
-    """(image index, view) pairs through the training pipeline, one ViewedDataset per view; each item
-    comes with a ``_Read`` (the file is hashed here, in the worker that reads the image anyway)."""
-
-    def __init__(self, source: DetectionSource, pairs: list[tuple[int, View]], views: list[View]) -> None:
-        self.pairs = pairs
-        self.datasets = {
-            v: ViewedDataset(source, ViewPolicy(sizes=(v.size,)), train=False, view_provider=FixedView(v))
-            for v in views
-        }
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int):
-        index, view = self.pairs[i]
-        source = self.datasets[view].source
-        digest = content_digest(source.records[index].file)  # the file is in the page cache for the decode
-        item = self.datasets[view][index]
-        error = None
-        if item is None:  # ViewedDataset logged and skipped it; ask once more for the reason to record
-            try:
-                source.load(index)
-                error = "could not be read"
-            except DataError as exc:
-                error = str(exc)
-        return item, _Read(index, view, digest, error)
-
-
-@dataclass(frozen=True)
-class _PairCollate:
-    """The training Collate for the samples, plus their ``_Read``s."""
-
-    collate: Collate
-
-    def __call__(self, items: list) -> tuple[Batch, list[_Read]]:
-        return self.collate([item for item, _ in items]), [read for _, read in items]
 
 
 def preprocessing_of(detector: Detector, *, canvas: int, views: list[View]) -> dict:
@@ -224,9 +164,10 @@ def _build_locked(
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     bases, encoding = None, {}
     if policy.needs_basis(teacher.levels):
-        bases, encoding = _store_bases(
+        bases, encoding, policy = _store_bases(
             teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, progress=progress
         )
+        policy.check_channels(teacher.channels)
     manifest = Manifest(
         teacher_hash=file_sha256(teacher_checkpoint),
         architecture=dict(teacher.spec),
@@ -254,11 +195,11 @@ def _build_locked(
         if total > len(todo):
             log.info("%s: %d of %d image-views already built, %d to go", out_dir, total - len(todo), total, len(todo))
         loader = DataLoader(
-            _PairDataset(source, todo, stored_views),
+            PairDataset(source, todo, stored_views),
             batch_size=batch_size,
             shuffle=False,
             num_workers=workers,
-            collate_fn=_PairCollate(Collate(canvas)),
+            collate_fn=PairCollate(Collate(canvas)),
         )
         t0 = time.perf_counter()
         skipped = 0
@@ -310,13 +251,18 @@ def _build_locked(
 
 
 def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, *, progress: bool):
-    """The store's fitted bases (and the manifest's ``encoding``): read from ``bases.pt`` when an earlier
-    run or another shard wrote it, else fitted on the first ``policy.fit_views`` image views of the whole
-    data set (not of a shard: every shard fits the same bases, and the first to save them wins)."""
+    """The store's fitted bases, the manifest's ``encoding`` and the policy with a byte budget's ranks
+    filled in: read from ``bases.pt`` when an earlier run or another shard wrote it, else fitted on the
+    first ``policy.fit_views`` image views of the whole data set (not of a shard: every shard fits the same
+    bases, and the first to save them wins). A budget is resolved from the spectra ``bases.pt`` keeps, so
+    every shard and resumed run picks the same layout."""
+    levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
+    layout = {"strides": dict(teacher.strides), "channels": dict(teacher.channels), "where": str(out_dir)}
+    chosen = None  # the budgeted policy this run resolved, if it fitted the bases
     if not (out_dir / BASES).is_file():
         pairs = [(i, v) for i in range(len(source)) for v in views][: policy.fit_views]
         loader = DataLoader(
-            _PairDataset(source, pairs, views), batch_size=batch_size, collate_fn=_PairCollate(Collate(canvas))
+            PairDataset(source, pairs, views), batch_size=batch_size, collate_fn=PairCollate(Collate(canvas))
         )
 
         def feature_batches():
@@ -332,16 +278,27 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
                 }
                 yield feats, valid
 
-        levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
-        ranks = {lv: policy.rank_for(lv) for lv in levels}
-        fitted = fit_bases(feature_batches(), rank=ranks, levels=levels)
-        if save_bases(out_dir, fitted):
+        fits = fit_moments(feature_batches(), levels=levels)
+        spectra = {lv: fits[lv].spectrum() for lv in levels} if policy.budget_kb is not None else None
+        chosen = fit_to_budget(policy, spectra, **layout) if spectra is not None else None
+        ranks = {lv: (chosen or policy).rank_for(lv) for lv in levels}
+        if save_bases(out_dir, {lv: fits[lv].basis(ranks[lv]) for lv in levels}, spectra):
             log.info("%s: fitted bases of ranks %s on %d image views", out_dir, ranks, len(pairs))
     sha = bases_sha256(out_dir)
     bases = load_bases(out_dir, sha256=sha)
+    if policy.unresolved_budget:
+        if chosen is None and (spectra := load_spectra(out_dir, sha256=sha)) is None:
+            raise StoreError(f"{out_dir / BASES}: fitted without a byte budget; build a budgeted store elsewhere")
+        policy = chosen or fit_to_budget(policy, spectra, **layout)
+    wrong = {lv: b.rank for lv, b in bases.items() if lv in levels and b.rank != policy.rank_for(lv)}
+    if wrong:
+        raise StoreError(f"{out_dir / BASES}: ranks {wrong} differ from the policy's; build this policy elsewhere")
     pooled = any(k > 1 for k in policy.pool.values())
-    return bases, encoding_entry(
-        rank=policy.rank, fit_views=policy.fit_views, sha256=sha, pooled=pooled, int2=policy.value_dtype == "int2"
+    int2 = policy.value_dtype == "int2"
+    return (
+        bases,
+        encoding_entry(rank=policy.rank, fit_views=policy.fit_views, sha256=sha, pooled=pooled, int2=int2),
+        policy,
     )
 
 

@@ -62,6 +62,9 @@ class SelectionPolicy:
     back to full size), which divides its bytes by k^2 (``detkd.store.codec.encode_levels``);
     ``level_rank`` {level: r} overrides ``rank`` by level: at COCO scale p3 holds three quarters of an
     FPN's cells, so a few coefficients fewer there pay for many more on the coarser levels.
+    ``budget_kb``: instead of a rank, the most KB (1024 bytes) one image-view's record may take at COCO
+    scale; the build fills in ``level_rank`` and the dtype from the fitted spectra (``detkd.store.budget``;
+    ``value_dtype`` None or "auto" lets it choose int2 or int4).
     """
 
     name: str = "nms-ksd"
@@ -77,6 +80,7 @@ class SelectionPolicy:
     fit_views: int = 256
     pool: dict[str, int] = field(default_factory=dict)
     level_rank: dict[str, int] = field(default_factory=dict)
+    budget_kb: float | None = None
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -118,9 +122,13 @@ class SelectionPolicy:
                     f"selection policy pool[{level!r}]: only lowrank levels keep pooled coefficient maps, "
                     f"and {level} is {self.mode_for(level)!r}"
                 )
+        if self.budget_kb is not None:
+            self._check_budget()
+        elif self.value_dtype == "auto":
+            raise ConfigError("selection policy value_dtype 'auto': only a byte budget (budget_kb) chooses the dtype")
         if self.value_dtype is None:
             self.value_dtype = SELECTORS.get(self.name).default_value_dtype
-        if self.value_dtype not in VALUE_DTYPES:
+        if self.value_dtype not in VALUE_DTYPES and self.value_dtype != "auto":
             raise ConfigError(f"selection policy value_dtype: unknown {self.value_dtype!r}; choose {VALUE_DTYPES}")
         if self.value_dtype in COEFFICIENT_ONLY_DTYPES and not all(
             SELECTORS.get(m).needs_basis for m in [self.name, *self.per_level.values()]
@@ -139,6 +147,28 @@ class SelectionPolicy:
             raise ConfigError(
                 f"selection policy: assign must be 'size' or 'all' and dilate >= 0, got {self.assign!r}, {self.dilate}"
             )
+
+    def _check_budget(self) -> None:
+        if not (isinstance(self.budget_kb, (int, float)) and 0 < self.budget_kb < math.inf):
+            raise ConfigError(f"selection policy budget_kb: must be a positive number, got {self.budget_kb!r}")
+        if not all(SELECTORS.get(m).needs_basis for m in [self.name, *self.per_level.values()]):
+            raise ConfigError(
+                "selection policy budget_kb: a byte budget chooses lowrank ranks; use --policy lowrank at every level"
+            )
+        if any(k > 1 for k in self.pool.values()):
+            raise ConfigError("selection policy budget_kb: choose either a byte budget or pooled levels, not both")
+        if self.value_dtype is None:
+            self.value_dtype = "auto"
+        if self.value_dtype not in ("auto", "int2", "int4"):
+            raise ConfigError(
+                "selection policy budget_kb: a budget chooses among int2 and int4 coefficients, "
+                f"not {self.value_dtype!r}"
+            )
+
+    @property
+    def unresolved_budget(self) -> bool:
+        """A budget whose ranks the build has not filled in yet (from the fitted spectra)."""
+        return self.budget_kb is not None and (self.value_dtype == "auto" or not self.level_rank)
 
     def rank_for(self, level: str) -> int:
         """Coefficients per cell kept at a lowrank ``level``."""

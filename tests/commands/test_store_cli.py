@@ -137,3 +137,19 @@ def test_an_int2_store_with_level_ranks_from_the_command_line(setup, capsys):
     assert main(["store", "verify", str(root / "i2")]) == 0
     assert store_build(root, data, "bad", "--value-dtype", "int2") == 2  # nms-ksd cells need a scale per cell
     assert "only lowrank coefficient maps" in capsys.readouterr().err
+
+
+def test_a_store_fitted_to_a_byte_budget_from_the_command_line(setup, capsys):
+    from detkd.store.verify import store_info
+
+    root, data = setup
+    assert store_build(root, data, "b", "--policy", "lowrank", "--budget-kb", "8", "--fit-views", "4") == 0
+    out = capsys.readouterr().out
+    info = store_info(root / "b")
+    ranks = info["policy"]["level_rank"]
+    assert f"level ranks {ranks}  chosen for 8 KB" in out and set(ranks) == {"p3", "p4", "p5", "p6", "p7"}
+    assert info["policy"]["value_dtype"] in ("int2", "int4") and info["projected_coco"]["bytes_per_view"] <= 8 * 1024
+    assert store_build(root, data, "x", "--policy", "lowrank", "--budget-kb", "8", "--rank", "4") == 2
+    assert "--budget-kb chooses the ranks itself" in capsys.readouterr().err
+    assert store_build(root, data, "x", "--policy", "lowrank", "--budget-kb", "0.5") == 2
+    assert "cannot hold even the smallest lowrank layout" in capsys.readouterr().err

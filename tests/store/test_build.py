@@ -15,9 +15,10 @@ from detkd.data.loader import Collate, ViewedDataset
 from detkd.data.views import View, ViewPolicy
 from detkd.models.builders import build_detector
 from detkd.models.checkpoint import save_checkpoint
-from detkd.store.build import FixedView, build_store
+from detkd.store.build import build_store
 from detkd.store.detections import detection_cells
 from detkd.store.format import StoreError
+from detkd.store.pairs import FixedView
 from detkd.store.reader import StoreReader
 from detkd.store.replay import providers
 from detkd.store.select import SelectionPolicy
