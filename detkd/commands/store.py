@@ -126,6 +126,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
+    pl = ssub.add_parser(
+        "plan", help="before a build: per byte budget, the lowrank layout and how much of the teacher it keeps"
+    )
+    pl.add_argument("--teacher", required=True, help="teacher checkpoint")
+    pl.add_argument("--data", required=True, help="data set directory or annotation file")
+    pl.add_argument("--format", default=None, help=FORMAT_HELP)
+    pl.add_argument("--split", default="train", help="split the teacher runs over")
+    pl.add_argument("--size", type=int, nargs="+", default=None, help="training scale(s), as for build")
+    pl.add_argument(
+        "--budget-kb",
+        type=float,
+        nargs="+",
+        default=[16, 32, 64, 128, 256],
+        help="budgets to plan, KB per image-view at COCO scale (default: 16 32 64 128 256)",
+    )
+    pl.add_argument("--fit-views", type=int, default=256, help="image views the spectra are measured on (as build)")
+    pl.add_argument("--batch-size", type=int, default=8, help="images per teacher batch")
+    pl.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    pl.set_defaults(func=run_plan)
+
     m = ssub.add_parser("merge", help="merge the shards of a split build into one record file")
     m.add_argument("store", help="store directory")
     m.set_defaults(func=run_merge)
@@ -215,6 +235,31 @@ def run_build(args: argparse.Namespace) -> int:
         )
         return 0
     return run_info(argparse.Namespace(store=args.out))
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from detkd.data.formats.detect import open_source
+    from detkd.data.views import ViewPolicy
+    from detkd.runs.setup import resolve_device
+    from detkd.store.plan import plan_budgets, plan_table
+
+    source = open_source(args.data, format=args.format, split=args.split)
+    views = ViewPolicy(sizes=tuple(args.size or teacher_sizes(args.teacher)), flip_prob=0.5)
+    plans = plan_budgets(
+        teacher_checkpoint=args.teacher,
+        source=source,
+        views=views.all_views(),
+        canvas=views.canvas,
+        budgets_kb=args.budget_kb,
+        fit_views=args.fit_views,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+    )
+    fitted = min(args.fit_views, len(source) * len(views.all_views()))
+    print(f"teacher {args.teacher}: spectra of {fitted} image-views")
+    print("\n".join(plan_table(plans)))
+    print("build one with: detkd store build ... --policy lowrank --budget-kb N")
+    return 0
 
 
 def _number(flag: str, text: str, kind: type):

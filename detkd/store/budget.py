@@ -97,7 +97,7 @@ def choose_layout(
             lv: [cells[lv] * cumulative[lv][r] for r in range(least[lv], channels[lv] + 1, step)] for lv in lowrank
         }
         ranks = _best_ranks(gains, unit, budget - base)
-        ranks = {lv: least[lv] + step * k for lv, k in ranks.items()}
+        ranks = {lv: least[lv] + step * ranks[lv] for lv in lowrank}
         while size(dtype, ranks) > budget:  # a shape crossing a varint width adds a byte or two
             lv = max((lv for lv in lowrank if ranks[lv] > least[lv]), key=lambda lv: unit[lv])
             ranks[lv] -= step
@@ -107,11 +107,11 @@ def choose_layout(
             )
         )
     if not choices:
-        least = min(smallest.values())
+        dtype = min(smallest, key=smallest.get)
         raise StoreError(
             f"a budget of {policy.budget_kb:g} KB per image-view at {image_hw[1]}x{image_hw[0]} cannot hold even the "
-            f"smallest lowrank layout ({least / 1024:.1f} KB: rank {1 if 'int2' in smallest else 2} at every level, "
-            f"{'/'.join(smallest)}); raise --budget-kb"
+            f"smallest lowrank layout ({smallest[dtype] / 1024:.1f} KB: {dtype} at rank {2 if dtype == 'int4' else 1} "
+            "on every level); raise --budget-kb"
         )
     return max(choices, key=lambda c: (c.kept, -c.bytes_per_view))
 

@@ -32,7 +32,16 @@ from detkd.data.views import View, ViewPolicy
 from detkd.engine.teacher_ap import measure_teacher_ap, warn_if_weak_teacher
 from detkd.models.checkpoint import check_classes, file_sha256, load_detector
 from detkd.models.detector import Detector
-from detkd.store.bases import BASES, bases_sha256, encoding_entry, fit_moments, load_bases, load_spectra, save_bases
+from detkd.store.bases import (
+    BASES,
+    BasisFit,
+    bases_sha256,
+    encoding_entry,
+    fit_moments,
+    load_bases,
+    load_spectra,
+    save_bases,
+)
 from detkd.store.budget import fit_to_budget
 from detkd.store.codec import layout_dtypes
 from detkd.store.content import content_digest
@@ -250,6 +259,32 @@ def _build_locked(
     return result
 
 
+def teacher_moments(
+    teacher: Detector, source, views, canvas: int, fit_views: int, levels, batch_size: int, device, progress: bool
+) -> dict[str, BasisFit]:
+    """The channel moments of ``levels`` over the teacher's features of the first ``fit_views`` image views
+    of ``source`` (valid cells only): what a lowrank store's bases and a budget's spectra are fitted on."""
+    pairs = [(i, v) for i in range(len(source)) for v in views][:fit_views]
+    loader = DataLoader(
+        PairDataset(source, pairs, views), batch_size=batch_size, collate_fn=PairCollate(Collate(canvas))
+    )
+
+    def feature_batches():
+        for batch, _ in tqdm(loader, desc="fit bases", unit="batch", disable=not progress, dynamic_ncols=True):
+            if not len(batch):
+                continue
+            batch = batch.to(device)
+            with torch.no_grad():
+                feats = teacher.features(batch.images, batch.image_sizes)
+            valid = {
+                lv: [valid_cells(tuple(s), teacher.strides[lv], tuple(f.shape[-2:])) for s in batch.image_sizes]
+                for lv, f in feats.items()
+            }
+            yield feats, valid
+
+    return fit_moments(feature_batches(), levels=levels)
+
+
 def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, *, progress: bool):
     """The store's fitted bases, the manifest's ``encoding`` and the policy with a byte budget's ranks
     filled in: read from ``bases.pt`` when an earlier run or another shard wrote it, else fitted on the
@@ -260,30 +295,17 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
     layout = {"strides": dict(teacher.strides), "channels": dict(teacher.channels), "where": str(out_dir)}
     chosen = None  # the budgeted policy this run resolved, if it fitted the bases
     if not (out_dir / BASES).is_file():
-        pairs = [(i, v) for i in range(len(source)) for v in views][: policy.fit_views]
-        loader = DataLoader(
-            PairDataset(source, pairs, views), batch_size=batch_size, collate_fn=PairCollate(Collate(canvas))
-        )
-
-        def feature_batches():
-            for batch, _ in tqdm(loader, desc="fit bases", unit="batch", disable=not progress, dynamic_ncols=True):
-                if not len(batch):
-                    continue
-                batch = batch.to(device)
-                with torch.no_grad():
-                    feats = teacher.features(batch.images, batch.image_sizes)
-                valid = {
-                    lv: [valid_cells(tuple(s), teacher.strides[lv], tuple(f.shape[-2:])) for s in batch.image_sizes]
-                    for lv, f in feats.items()
-                }
-                yield feats, valid
-
-        fits = fit_moments(feature_batches(), levels=levels)
+        fits = teacher_moments(teacher, source, views, canvas, policy.fit_views, levels, batch_size, device, progress)
         spectra = {lv: fits[lv].spectrum() for lv in levels} if policy.budget_kb is not None else None
         chosen = fit_to_budget(policy, spectra, **layout) if spectra is not None else None
         ranks = {lv: (chosen or policy).rank_for(lv) for lv in levels}
         if save_bases(out_dir, {lv: fits[lv].basis(ranks[lv]) for lv in levels}, spectra):
-            log.info("%s: fitted bases of ranks %s on %d image views", out_dir, ranks, len(pairs))
+            log.info(
+                "%s: fitted bases of ranks %s on %d image views",
+                out_dir,
+                ranks,
+                min(policy.fit_views, len(source) * len(views)),
+            )
     sha = bases_sha256(out_dir)
     bases = load_bases(out_dir, sha256=sha)
     if policy.unresolved_budget:

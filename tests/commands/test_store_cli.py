@@ -153,3 +153,12 @@ def test_a_store_fitted_to_a_byte_budget_from_the_command_line(setup, capsys):
     assert "--budget-kb chooses the ranks itself" in capsys.readouterr().err
     assert store_build(root, data, "x", "--policy", "lowrank", "--budget-kb", "0.5") == 2
     assert "cannot hold even the smallest lowrank layout" in capsys.readouterr().err
+
+
+def test_store_plan_prints_a_layout_per_budget(setup, capsys):
+    root, data = setup
+    args = ["store", "plan", "--teacher", str(root / "t.pt"), "--data", str(data), "--size", "64", "--fit-views", "4"]
+    assert main([*args, "--budget-kb", "0.5", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.5 KB | too small |" in out and "| 8 KB | int" in out and "0.5 KB: a budget of 0.5 KB" in out
+    assert "spectra of 4 image-views" in out

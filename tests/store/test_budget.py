@@ -16,11 +16,12 @@ from detkd.store.projection import projected_bytes
 from detkd.store.reader import StoreReader
 from detkd.store.select import SelectionPolicy
 from detkd.store.verify import store_info
-from tests.store.test_build import build
+from tests.store.test_build import VIEWS, build
 
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 CHANNELS = {"p3": 6, "p4": 6, "p5": 6}
 CELLS = {"p3": 100 * 167, "p4": 50 * 84, "p5": 25 * 42}  # COCO 1333 x 800 at strides 8, 16, 32
+COCO_CELLS = [(100, 167), (50, 84), (25, 42), (13, 21), (7, 11)]  # ... and 64, 128
 
 
 @pytest.mark.parametrize("dtype", ["int2", "int4"])
@@ -62,7 +63,7 @@ def test_the_chosen_layout_is_the_best_an_exhaustive_search_finds(seed, budget_k
                 if best is None or score > best[0] + 1e-12:
                     best = (score, dtype, ranks)
     assert choice.kept == pytest.approx(best[0], rel=1e-9)
-    assert (choice.value_dtype, choice.level_rank) == (best[1], best[2])
+    assert (choice.value_dtype, choice.level_rank) == (best[1], best[2]) and list(choice.level_rank) == list(STRIDES)
     assert choice.bytes_per_view == _size(policy, choice.level_rank, choice.value_dtype) <= budget_kb * 1024
 
 
@@ -79,7 +80,9 @@ def test_a_named_dtype_limits_the_choice_and_int4_keeps_even_ranks():
 def test_a_budget_too_small_for_rank_one_is_refused_with_the_smallest_size():
     policy = SelectionPolicy(name="lowrank", budget_kb=2)
     smallest = _size(policy, dict.fromkeys(STRIDES, 1), "int2")
-    with pytest.raises(StoreError, match=rf"cannot hold even the smallest lowrank layout \({smallest / 1024:.1f} KB"):
+    with pytest.raises(
+        StoreError, match=rf"cannot hold even the smallest lowrank layout \({smallest / 1024:.1f} KB: int2 at rank 1"
+    ):
         choose_layout(policy, _spectra(0), strides=STRIDES, channels=CHANNELS)
 
 
@@ -147,3 +150,24 @@ def test_a_budgeted_build_stores_the_chosen_layout_and_resumes_with_it(tmp_path,
     build(tmp_path, tiny_source, ckpt, "plain", policy=SelectionPolicy(name="lowrank", rank=2, fit_views=4))
     with pytest.raises(StoreError, match="fitted without a byte budget"):
         build(tmp_path, tiny_source, ckpt, "plain", policy=policy)
+
+
+def test_a_plan_answers_what_a_budgeted_build_would_choose(tmp_path, tiny_source, teacher_ckpt):
+    from detkd.store.plan import plan_budgets, plan_table
+
+    ckpt, teacher = teacher_ckpt
+    plans = plan_budgets(
+        teacher_checkpoint=ckpt, source=tiny_source, views=VIEWS, canvas=64, budgets_kb=[0.5, 6, 12], fit_views=4
+    )
+    assert [p.budget_kb for p in plans] == [0.5, 6, 12] and plans[0].choice is None
+    assert "cannot hold even the smallest lowrank layout" in plans[0].reason
+    manifest = build(tmp_path, tiny_source, ckpt, "s", policy=SelectionPolicy(name="lowrank", budget_kb=6, fit_views=4))
+    assert plans[1].choice.level_rank == manifest.policy["level_rank"]  # the same fit, the same choice
+    assert plans[1].choice.value_dtype == manifest.policy["value_dtype"]
+    assert plans[1].choice.kept < plans[2].choice.kept and plans[2].choice.bytes_per_view <= 12 * 1024
+    dense = sum(2 * teacher.channels[lv] * h * w for lv, (h, w) in zip(teacher.levels, COCO_CELLS, strict=True))
+    assert plans[1].dense_bytes == dense
+    table = plan_table(plans)
+    assert table[3] == "| 0.5 KB | too small | | | | |" and table[-1].startswith("0.5 KB: a budget of 0.5 KB")
+    ranks = ", ".join(f"{lv} {r}" for lv, r in plans[1].choice.level_rank.items())
+    assert f"| 6 KB | {plans[1].choice.value_dtype} | {ranks} |" in table[4]
