@@ -75,7 +75,11 @@ def _store_lines(payload: dict) -> list[str]:
     for info, specs in stores.values():
         enc = info.get("encoding") or {}
         kind = f"{info['policy']} rank {enc['rank']}" if enc.get("rank") else info["policy"]
-        if info.get("level_rank"):
+        if info.get("budget_kb"):  # every level's rank was chosen: list them, not the largest
+            kind = f"{info['policy']} fitted to {info['budget_kb']:g} KB, ranks " + ", ".join(
+                f"{lv} {r}" for lv, r in info["level_rank"].items()
+            )
+        elif info.get("level_rank"):
             kind += " (" + ", ".join(f"{lv} {r}" for lv, r in info["level_rank"].items()) + ")"
         if info.get("pool"):
             kind += ", pooled " + ", ".join(f"{lv} 1/{k}" for lv, k in info["pool"].items())
