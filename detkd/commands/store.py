@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="lowrank: instead of --rank, the most KB (1024 B) one image-view's record may take at COCO scale "
         "(1333x800); the build picks int2 or int4 (unless --value-dtype says) and each level's rank from the "
-        "teacher's fitted spectra, keeping the most variance per cell",
+        "teacher's fitted spectra, keeping the most variance per cell (default: none, --rank decides)",
     )
     b.add_argument(
         "--pool",
@@ -133,7 +133,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--data", required=True, help="data set directory or annotation file")
     pl.add_argument("--format", default=None, help=FORMAT_HELP)
     pl.add_argument("--split", default="train", help="split the teacher runs over")
-    pl.add_argument("--size", type=int, nargs="+", default=None, help="training scale(s), as for build")
+    pl.add_argument(
+        "--size", type=int, nargs="+", default=None, help="training scale(s), as for build (default: the teacher's)"
+    )
     pl.add_argument(
         "--budget-kb",
         type=float,
