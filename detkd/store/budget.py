@@ -9,8 +9,9 @@ three quarters; on the shapes benchmark AP followed what p3 kept, and rank on p4
 
     share(ranks) = sum_l cells_l * top_share_l(rank_l) / sum_l cells_l
 
-exactly: each step of a level's rank adds a fixed number of bytes, so the ranks are a knapsack over the
-bytes the smallest layout leaves, solved by dynamic programming. Between the dtypes, rounding error counts
+exactly (for budgets up to 64 KiB over the smallest layout; beyond, to 1/65536 of the budget): each step
+of a level's rank adds a fixed number of bytes, so the ranks are a knapsack over the bytes the smallest
+layout leaves, solved by dynamic programming. Between the dtypes, rounding error counts
 ``ROUNDING_PENALTY`` times what it removes of the kept variance:
 
     score(ranks, dtype) = share(ranks) * (1 - ROUNDING_PENALTY * (1 - QUANTISED_SHARE[dtype]))
@@ -132,12 +133,12 @@ def choose_layout(
 
 
 def _best_ranks(
-    gains: dict[str, list[float]], unit: dict[str, int], room: int, *, cells: int = 1 << 16
+    gains: dict[str, list[float]], unit: dict[str, int], room: int, *, buckets: int = 1 << 16
 ) -> dict[str, int]:
     """Steps k_l maximising sum_l gains[l][k_l] with sum_l k_l * unit[l] <= room: dynamic programming over the
     bytes left, in buckets of ceil(room / 2^16) bytes (costs rounded up, so the answer always fits; exact
     for rooms below 64 KiB)."""
-    q = max(1, -(-room // cells))
+    q = max(1, -(-room // buckets))
     capacity = room // q
     best = np.zeros(capacity + 1)  # best gain with at most b buckets used, over the levels so far
     picks = {}
@@ -159,10 +160,16 @@ def _best_ranks(
 
 
 def fit_to_budget(
-    policy: SelectionPolicy, spectra: dict[str, Tensor], *, strides: dict[str, int], channels: dict[str, int], where=""
+    policy: SelectionPolicy,
+    spectra: dict[str, Tensor],
+    *,
+    strides: dict[str, int],
+    channels: dict[str, int],
+    importance: bool = False,
+    where: str = "",
 ) -> SelectionPolicy:
     """``policy`` with the dtype and ranks ``choose_layout`` picks filled in (the budget stays recorded)."""
-    choice = choose_layout(policy, spectra, strides=strides, channels=channels)
+    choice = choose_layout(policy, spectra, strides=strides, channels=channels, importance=importance)
     log.info(
         "%s%g KB per image-view at COCO scale -> %s coefficients, ranks %s: %.1f KB, keeping %.0f %% of the fit "
         "sample's variance per cell after rounding",

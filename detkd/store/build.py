@@ -174,7 +174,7 @@ def _build_locked(
     bases, encoding = None, {}
     if policy.needs_basis(teacher.levels):
         bases, encoding, policy = _store_bases(
-            teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, progress=progress
+            teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, bool(importance), progress
         )
         policy.check_channels(teacher.channels)
     manifest = Manifest(
@@ -285,14 +285,19 @@ def teacher_moments(
     return fit_moments(feature_batches(), levels=levels)
 
 
-def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, *, progress: bool):
+def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, importance, progress):
     """The store's fitted bases, the manifest's ``encoding`` and the policy with a byte budget's ranks
     filled in: read from ``bases.pt`` when an earlier run or another shard wrote it, else fitted on the
     first ``policy.fit_views`` image views of the whole data set (not of a shard: every shard fits the same
     bases, and the first to save them wins). A budget is resolved from the spectra ``bases.pt`` keeps, so
     every shard and resumed run picks the same layout."""
     levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
-    layout = {"strides": dict(teacher.strides), "channels": dict(teacher.channels), "where": str(out_dir)}
+    layout = {
+        "strides": dict(teacher.strides),
+        "channels": dict(teacher.channels),
+        "importance": importance,  # GKD maps count against the budget too
+        "where": str(out_dir),
+    }
     chosen = None  # the budgeted policy this run resolved, if it fitted the bases
     if not (out_dir / BASES).is_file():
         fits = teacher_moments(teacher, source, views, canvas, policy.fit_views, levels, batch_size, device, progress)

@@ -185,3 +185,13 @@ def test_a_plan_answers_what_a_budgeted_build_would_choose(tmp_path, tiny_source
     assert table[3] == "| 0.5 KB | too small | | | | |" and table[-1].startswith("0.5 KB: a budget of 0.5 KB")
     ranks = ", ".join(f"{lv} {r}" for lv, r in plans[1].choice.level_rank.items())
     assert f"| 6 KB | {plans[1].choice.value_dtype} | {ranks} |" in table[4]
+
+
+def test_stored_importance_maps_count_against_the_budget(tmp_path, tiny_source, teacher_ckpt):
+    # GKD's maps take 2 B per cell at every level (about 44 KB at COCO scale) out of the same budget
+    ckpt, _ = teacher_ckpt
+    policy = SelectionPolicy(name="lowrank", budget_kb=64, fit_views=4)
+    plain = build(tmp_path, tiny_source, ckpt, "plain", policy=policy)
+    maps = build(tmp_path, tiny_source, ckpt, "maps", policy=policy, with_importance=True)
+    assert store_info(tmp_path / "maps")["projected_coco"]["bytes_per_view"] <= 64 * 1024
+    assert sum(maps.policy["level_rank"].values()) < sum(plain.policy["level_rank"].values())
