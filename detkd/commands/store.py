@@ -1,10 +1,15 @@
-"""``detkd store build | merge | info | verify``."""
+"""``detkd store build | plan | merge | info | verify``."""
 
 from __future__ import annotations
 
 import argparse
 
 from detkd.commands._help import FORMAT_HELP
+
+LEVELS_HELP = (
+    "store only these teacher levels, e.g. p3 (the bytes go to the levels a method gains from; runs from the "
+    "store distill them by default; default: every level)"
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(1333x800); the build picks int2 or int4 (unless --value-dtype says) and each level's rank from the "
         "teacher's fitted spectra, keeping the most variance per cell (default: none, --rank decides)",
     )
+    b.add_argument("--levels", nargs="+", default=None, help=LEVELS_HELP)
     b.add_argument(
         "--pool",
         default="",
@@ -144,6 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="budgets to plan, KB per image-view at COCO scale (default: 16 32 64 128 256)",
     )
     pl.add_argument("--fit-views", type=int, default=256, help="image views the spectra are measured on (as build)")
+    pl.add_argument("--levels", nargs="+", default=None, help=LEVELS_HELP)
     pl.add_argument("--batch-size", type=int, default=8, help="images per teacher batch")
     pl.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     pl.set_defaults(func=run_plan)
@@ -204,6 +211,7 @@ def run_build(args: argparse.Namespace) -> int:
         pool=_level_map("--pool", args.pool, int),
         level_rank=_level_map("--level-rank", args.level_rank, int),
         budget_kb=args.budget_kb,
+        levels=args.levels,
     )
     source = open_source(args.data, format=args.format, split=args.split)
     sizes = args.size or teacher_sizes(args.teacher)
@@ -254,6 +262,7 @@ def run_plan(args: argparse.Namespace) -> int:
         canvas=views.canvas,
         budgets_kb=args.budget_kb,
         fit_views=args.fit_views,
+        levels=args.levels,
         batch_size=args.batch_size,
         device=resolve_device(args.device),
     )
@@ -314,6 +323,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"  policy {info['policy'].get('name')}  channel_group {info['policy'].get('channel_group')}  "
         f"values {info['policy'].get('value_dtype', 'float16')}  "
         f"per-level {info['policy'].get('per_level') or {}}"
+        + (f"  only levels {info['policy']['levels']}" if info["policy"].get("levels") else "")
         + (
             f"  encoding {info['encoding']['name']} v{info['encoding']['version']} rank {info['encoding']['rank']} "
             f"(bases fitted on {info['encoding']['fit_views']} views, sha256 {info['encoding']['sha256'][:12]}...)"
@@ -346,7 +356,7 @@ def run_info(args: argparse.Namespace) -> int:
     )
     print(
         f"  bytes per image-view: {info['bytes_per_image_view']:.0f} stored vs {info['dense_fp16_bytes_per_view']} "
-        f"dense fp16 FPN maps = {100 * info['ratio_to_dense']:.2f} %"
+        f"dense fp16 maps of the stored levels = {100 * info['ratio_to_dense']:.2f} %"
     )
     coco = info["projected_coco"]
     print(

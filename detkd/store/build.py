@@ -151,9 +151,12 @@ def _build_locked(
     teacher.eval().requires_grad_(False).to(device)
     check_classes(payload, source.class_names, path=teacher_checkpoint, role="teacher", error=StoreError)
     top_k = policy.top_k if isinstance(policy.top_k, dict) else {}
-    unknown = sorted((set(policy.per_level) | set(top_k)) - set(teacher.levels))
+    unknown = sorted((set(policy.per_level) | set(top_k) | set(policy.levels or ())) - set(teacher.levels))
     if unknown:
         raise StoreError(f"selection policy names level(s) {unknown}; the teacher's levels are {teacher.levels}")
+    levels = policy.stored_levels(teacher.levels)
+    strides = {lv: teacher.strides[lv] for lv in levels}
+    channels = {lv: teacher.channels[lv] for lv in levels}
     views = list(views) if views is not None else ViewPolicy(sizes=(canvas,), flip_prob=0.5).all_views()
     if mirror_flips:  # a flipped view is served from its unflipped twin, which must be built
         views = sorted(set(views) | {View(size=v.size, flip=False) for v in views})
@@ -163,21 +166,21 @@ def _build_locked(
     importance = None
     if with_importance:
         importance = {**DEFAULT_IMPORTANCE_MODE, **(importance_mode or {})}
-        if any(not policy.selector_for(lv).serves_maps for lv in teacher.levels) or policy.channel_group != 1:
+        if any(not policy.selector_for(lv).serves_maps for lv in levels) or policy.channel_group != 1:
             raise StoreError(
                 "--importance (stored GKD) needs a whole-map policy (--policy lowrank, or dense) and "
                 "--channel-group 1: GKD imitates whole, full-width maps"
             )
 
-    policy.check_channels(teacher.channels)
+    policy.check_channels(channels)
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     bases, encoding = None, {}
-    if policy.needs_basis(teacher.levels):
+    if policy.needs_basis(levels):
         bases, encoding, policy = _store_bases(
             teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, bool(importance), progress
         )
         if policy.budget_kb is not None:  # the ranks and dtype a budget chose, checked as a given policy is above
-            policy.check_channels(teacher.channels)
+            policy.check_channels(channels)
     manifest = Manifest(
         teacher_hash=file_sha256(teacher_checkpoint),
         architecture=dict(teacher.spec),
@@ -186,10 +189,10 @@ def _build_locked(
             "mirror_flips": bool(mirror_flips),
             "importance": importance or False,
         },
-        levels=list(teacher.levels),
-        strides=dict(teacher.strides),
-        channels=dict(teacher.channels),
-        feature_shapes=_feature_shapes(teacher, canvas, device),
+        levels=levels,
+        strides=strides,
+        channels=channels,
+        feature_shapes={lv: shape for lv, shape in _feature_shapes(teacher, canvas, device).items() if lv in strides},
         policy=policy.to_dict(),
         dtypes=layout_dtypes(policy.value_dtype),
         views=[v.to_dict() for v in views],
@@ -292,10 +295,11 @@ def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_si
     first ``policy.fit_views`` image views of the whole data set (not of a shard: every shard fits the same
     bases, and the first to save them wins). A budget is resolved from the spectra ``bases.pt`` keeps, so
     every shard and resumed run picks the same layout."""
-    levels = [lv for lv in teacher.levels if policy.selector_for(lv).needs_basis]
+    stored = policy.stored_levels(teacher.levels)
+    levels = [lv for lv in stored if policy.selector_for(lv).needs_basis]
     layout = {
-        "strides": dict(teacher.strides),
-        "channels": dict(teacher.channels),
+        "strides": {lv: teacher.strides[lv] for lv in stored},
+        "channels": {lv: teacher.channels[lv] for lv in stored},
         "importance": importance,  # GKD maps count against the budget too
         "where": str(out_dir),
     }

@@ -43,6 +43,7 @@ def plan_budgets(
     canvas: int,
     budgets_kb: list[float],
     fit_views: int = 256,
+    levels: list[str] | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -51,16 +52,22 @@ def plan_budgets(
     teacher, payload = load_detector(teacher_checkpoint)
     teacher.eval().requires_grad_(False).to(device)
     check_classes(payload, source.class_names, path=teacher_checkpoint, role="teacher", error=StoreError)
-    levels = list(teacher.levels)
-    fits = teacher_moments(teacher, source, views, canvas, fit_views, levels, batch_size, device, progress)
-    spectra = {lv: fits[lv].spectrum() for lv in levels}
-    layout = {"strides": dict(teacher.strides), "channels": dict(teacher.channels)}
+    unknown = sorted(set(levels or ()) - set(teacher.levels))
+    if unknown:
+        raise StoreError(f"levels {unknown}: the teacher's levels are {teacher.levels}")
+    stored = SelectionPolicy(name="lowrank", levels=levels).stored_levels(teacher.levels)
+    fits = teacher_moments(teacher, source, views, canvas, fit_views, stored, batch_size, device, progress)
+    spectra = {lv: fits[lv].spectrum() for lv in stored}
+    layout = {
+        "strides": {lv: teacher.strides[lv] for lv in stored},
+        "channels": {lv: teacher.channels[lv] for lv in stored},
+    }
     dense = projected_bytes(SelectionPolicy(name="lowrank"), **layout)[1]
     plans = []
     for kb in budgets_kb:
         try:
             choice = choose_layout(
-                SelectionPolicy(name="lowrank", budget_kb=kb, fit_views=fit_views), spectra, **layout
+                SelectionPolicy(name="lowrank", budget_kb=kb, fit_views=fit_views, levels=levels), spectra, **layout
             )
             plans.append(BudgetPlan(budget_kb=kb, choice=choice, dense_bytes=dense))
         except StoreError as exc:

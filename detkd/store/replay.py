@@ -31,8 +31,8 @@ def check_store_for_run(
 
     Checked: the data set (fingerprint of the training split, then the images' content against the
     store's digests, ``content.check_content``), the preprocessing (canvas, resize rule, view sizes)
-    and, given the ``student``, the levels it distills (``levels``, default all of the student's)
-    against the stored levels and strides.
+    and, given the ``student``, the levels it distills (``levels``; default all of the student's, or of a
+    store built with ``--levels`` the stored ones among them) against the stored levels and strides.
     """
     m = reader.manifest
     pre = m.preprocessing
@@ -60,7 +60,8 @@ def check_store_for_run(
             f"to {stored_sizes} or rebuild the store with --size {' '.join(map(str, policy.sizes))}"
         )
     if student is not None:
-        wanted = list(levels) if levels is not None else list(student.levels)
+        chosen = (m.policy or {}).get("levels")  # a store of some levels serves those by default
+        wanted = list(levels) if levels is not None else [lv for lv in student.levels if not chosen or lv in chosen]
         missing = [lv for lv in wanted if lv not in m.levels]
         if missing:
             shared = [lv for lv in wanted if lv in m.levels]

@@ -64,7 +64,9 @@ class SelectionPolicy:
     FPN's cells, so a few coefficients fewer there pay for many more on the coarser levels.
     ``budget_kb``: instead of a rank, the most KB (1024 bytes) one image-view's record may take at COCO
     scale; the build fills in ``level_rank`` and the dtype from the fitted spectra (``detkd.store.budget``;
-    ``value_dtype`` None or "auto" lets it choose int2 or int4).
+    ``value_dtype`` None or "auto" lets it choose int2 or int4). ``levels``: the teacher levels stored
+    (None: all of them); a run from the store distills these by default. A method whose gain comes from
+    some levels (DeFeat on small objects: p3) then spends a store's bytes on them alone.
     """
 
     name: str = "nms-ksd"
@@ -81,6 +83,7 @@ class SelectionPolicy:
     pool: dict[str, int] = field(default_factory=dict)
     level_rank: dict[str, int] = field(default_factory=dict)
     budget_kb: float | None = None
+    levels: list[str] | None = None
     saliency: str = "max"
     assign: str = "size"
     dilate: int = 0
@@ -93,6 +96,7 @@ class SelectionPolicy:
                 raise ConfigError(
                     f"selection policy {where}: unknown {mode!r}; choose one of {', '.join(SELECTORS.names())}"
                 )
+        self._check_levels()
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"selection policy kernel: must be an odd positive integer, got {self.kernel}")
         if self.channel_group is None:
@@ -147,6 +151,29 @@ class SelectionPolicy:
             raise ConfigError(
                 f"selection policy: assign must be 'size' or 'all' and dilate >= 0, got {self.assign!r}, {self.dilate}"
             )
+
+    def _check_levels(self) -> None:
+        if self.levels is None:
+            return
+        if isinstance(self.levels, str) or not self.levels or not all(isinstance(lv, str) and lv for lv in self.levels):
+            raise ConfigError(f"selection policy levels: a non-empty list of level names, got {self.levels!r}")
+        if len(set(self.levels)) != len(self.levels):
+            raise ConfigError(f"selection policy levels: {self.levels} names a level twice")
+        self.levels = list(self.levels)
+        top_k = self.top_k if isinstance(self.top_k, dict) else {}
+        for what, named in (("per_level", self.per_level), ("top_k", top_k), ("level_rank", self.level_rank)):
+            unstored = sorted(set(named) - set(self.levels))
+            if unstored:
+                raise ConfigError(
+                    f"selection policy {what}: level(s) {unstored} are not among the stored {self.levels}"
+                )
+        unstored = sorted(lv for lv, k in self.pool.items() if k > 1 and lv not in self.levels)
+        if unstored:
+            raise ConfigError(f"selection policy pool: level(s) {unstored} are not among the stored {self.levels}")
+
+    def stored_levels(self, levels) -> list[str]:
+        """Those of a teacher's ``levels`` (in its order) this policy stores."""
+        return [lv for lv in levels if self.levels is None or lv in self.levels]
 
     def _check_budget(self) -> None:
         if not (isinstance(self.budget_kb, (int, float)) and 0 < self.budget_kb < math.inf):
@@ -276,6 +303,7 @@ class SelectionPolicy:
         whole batch (a store build spends its time in the teacher, not here)."""
         n = len(image_sizes)
         out: list[dict[str, LevelRecord]] = [{} for _ in range(n)]
+        features = {lv: features[lv] for lv in self.stored_levels(features)}
         if self.needs_detections(features) and detections is None:
             raise StoreError("selection policy 'detections' needs the teacher's detections (boxes, scores)")
         det_cells: list = []

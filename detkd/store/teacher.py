@@ -58,7 +58,13 @@ class SelectingTeacher(OnlineTeacher):
                 "online selection cannot use the lowrank selector: its bases are fitted when a store is built; "
                 "build the store (detkd store build --policy lowrank) and distill from it"
             )
+        unknown = sorted(set(policy.levels or ()) - set(self.levels))
+        if unknown:
+            raise ConfigError(f"online selection levels {unknown}: the teacher's levels are {self.levels}")
         self.policy = policy
+        self.levels = policy.stored_levels(self.levels)  # what is selected is all a run can distill
+        self.strides = {lv: self.strides[lv] for lv in self.levels}
+        self.channels = {lv: self.channels[lv] for lv in self.levels}
 
     def offer(self) -> KnowledgeOffer:
         return self.policy.offer(self.levels, importance=False, describe="the live teacher selected online")

@@ -120,7 +120,7 @@ def test_store_build_info_verify_and_stored_distill_without_teacher(tmp_path, sy
         == 0
     )
     out = capsys.readouterr().out
-    assert "16 image-views" in out and "dense fp16 FPN maps" in out
+    assert "16 image-views" in out and "dense fp16 maps of the stored levels" in out
     assert main(["store", "verify", str(store)]) == 0
     ckpt.unlink()  # stored distillation needs no teacher model at all
     student = tmp_path / "student"

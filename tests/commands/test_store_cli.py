@@ -36,7 +36,7 @@ def test_build_info_verify_and_a_damaged_record(setup, capsys):
     assert "complete" in out and "AP (x100) 40.0" in out and "policy nms-ksd  channel_group 2" in out
     assert "6 images, 12 image-views" in out and "views s64, s64-flip" in out and "over 1 run(s)" in out
     # Dense fp16 FPN maps of a 64 px canvas: 16 channels x (64 + 16 + 4 + 1 + 1) cells x 2 bytes.
-    assert "dense fp16 FPN maps" in out and " vs 2752 dense" in out
+    assert "dense fp16 maps of the stored levels" in out and " vs 2752 dense" in out
     assert main(["store", "info", str(root / "s")]) == 0
     assert "teacher sha256" in capsys.readouterr().out
     assert main(["store", "verify", str(root / "s")]) == 0
@@ -162,3 +162,21 @@ def test_store_plan_prints_a_layout_per_budget(setup, capsys):
     out = capsys.readouterr().out
     assert "| 0.5 KB | too small |" in out and "| 8 KB | int" in out and "0.5 KB: a budget of 0.5 KB" in out
     assert "spectra of 4 image-views" in out
+
+
+def test_a_store_of_one_level_from_the_command_line(setup, capsys):
+    from detkd.store.verify import store_info
+
+    root, data = setup
+    assert store_build(root, data, "p3", "--policy", "lowrank", "--budget-kb", "8", "--levels", "p3") == 0
+    out = capsys.readouterr().out
+    info = store_info(root / "p3")
+    assert list(info["levels"]) == ["p3"] and set(info["policy"]["level_rank"]) == {"p3"}
+    assert "only levels ['p3']" in out and "levels p3 (stride 8" in out
+    assert store_build(root, data, "x", "--levels", "p9") == 2
+    assert "names level(s) ['p9']" in capsys.readouterr().err
+    args = ["store", "plan", "--teacher", str(root / "t.pt"), "--data", str(data), "--size", "64", "--fit-views", "4"]
+    assert main([*args, "--budget-kb", "8", "--levels", "p3"]) == 0
+    assert "| 8 KB | int" in capsys.readouterr().out
+    assert main([*args, "--levels", "p9"]) == 2
+    assert "levels ['p9']: the teacher's levels are" in capsys.readouterr().err
