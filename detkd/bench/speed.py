@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from detkd.bench.results import provenance, write_json
 from detkd.bench.steps import compute_step_times, peak_memory, step_times, sync
+from detkd.bench.tables import policy_words
 from detkd.data.formats.detect import open_source
 from detkd.data.loader import ViewedDataset, build_loader
 from detkd.data.synthetic import generate_synthetic
@@ -66,14 +67,28 @@ def gpu_scale() -> SpeedScale:
     return SpeedScale(128, 800, 16, 3, 6, student, teacher, amp=True)
 
 
-def store_policy_for(method: str, *, rank: int | None = None, value_dtype: str | None = None) -> SelectionPolicy:
+def store_policy_for(
+    method: str,
+    *,
+    rank: int | None = None,
+    value_dtype: str | None = None,
+    budget_kb: float | None = None,
+    levels: list[str] | None = None,
+) -> SelectionPolicy:
     """The compact store a method trains from: nms-ksd cells (int4) for position-wise methods, lowrank
-    whole maps (rank 16, int4, or ``rank`` / ``value_dtype``) for methods that need whole maps (cwd, defeat, ...)."""
+    whole maps (rank 16, int4, or ``rank`` / ``value_dtype``, or the layout a ``budget_kb`` chooses) for
+    methods that need whole maps (cwd, defeat, ...); ``levels``: store (and distill) only these."""
     if METHODS.get(method).sparse_ok:
+        if rank is not None or budget_kb is not None:
+            raise ConfigError(
+                f"bench speed: {method} trains from an nms-ksd store; a rank or budget applies to lowrank stores"
+            )
+        return SelectionPolicy(name="nms-ksd", value_dtype=value_dtype, levels=levels)
+    if budget_kb is not None:
         if rank is not None:
-            raise ConfigError(f"bench speed: {method} trains from an nms-ksd store; a rank applies to lowrank stores")
-        return SelectionPolicy(name="nms-ksd", value_dtype=value_dtype)
-    return SelectionPolicy(name="lowrank", rank=16 if rank is None else rank, value_dtype=value_dtype)
+            raise ConfigError("bench speed: --budget-kb chooses the ranks itself; drop --rank")
+        return SelectionPolicy(name="lowrank", budget_kb=budget_kb, value_dtype=value_dtype, levels=levels)
+    return SelectionPolicy(name="lowrank", rank=16 if rank is None else rank, value_dtype=value_dtype, levels=levels)
 
 
 def run_speed(
@@ -86,11 +101,11 @@ def run_speed(
     device: str | torch.device = "cpu",
     data_dir: str | Path | None = None,
     progress: bool = True,
-    store_rank: int | None = None,
-    store_value_dtype: str | None = None,
+    store_policy: SelectionPolicy | None = None,
 ) -> dict:
     """Measure everything side by side in one process; ``scale`` overrides the CPU scale (``gpu_scale()``,
     tests). ``data_dir`` shares one synthetic data set between runs (default ``out_dir/data``).
+    ``store_policy`` defaults to ``store_policy_for(method)``; online and stored runs distill its levels.
 
     Logs a line as each of its four phases starts; ``progress`` adds a bar over each phase's rounds.
     """
@@ -98,7 +113,7 @@ def run_speed(
     out.mkdir(parents=True, exist_ok=True)
     scale = scale or cpu_scale(quick)
     device = torch.device(device)
-    store_policy = store_policy_for(method, rank=store_rank, value_dtype=store_value_dtype)
+    store_policy = store_policy or store_policy_for(method)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
     log.info("bench speed [1/4]: %d synthetic images in %s, a random-weight teacher", scale.images, data_dir)
     if not (data_dir / "annotations" / "train.json").is_file():
@@ -177,6 +192,7 @@ def run_speed(
     results["build_call_over_teacher_inference_throughput_ratio"] = ratio["call"]
     results["build_over_teacher_compute_throughput_ratio"] = ratio["compute"]
     info = store_info(store_dir)
+    results["scale"]["store_policy"] = info["policy"]  # as built: the ranks and dtype a budget chose
     results["store_bytes_per_image_view"] = info["bytes_per_image_view"]
     results["dense_fp16_bytes_per_image_view"] = info["dense_fp16_bytes_per_view"]
     results["store_over_dense_size_ratio"] = info["ratio_to_dense"]
@@ -258,11 +274,6 @@ def write_results(results: dict, path: str | Path) -> None:
     write_json(path, {**provenance(), **results})
 
 
-def _policy_words(policy: dict) -> str:
-    words = f"{policy['name']} {policy.get('value_dtype')}"
-    return f"{words} rank {policy['rank']}" if policy["name"] == "lowrank" else words
-
-
 def format_results(r: dict) -> str:
     med = r["step_seconds_median"]
     lines = [
@@ -278,7 +289,7 @@ def format_results(r: dict) -> str:
         f"{r['method_over_student_compute_ratio']:.3f}",
         f"store size: {r['store_bytes_per_image_view']:.0f} B per image-view vs dense fp16 "
         f"{r['dense_fp16_bytes_per_image_view']:.0f} B: ratio {r['store_over_dense_size_ratio']:.4f} (goal <= 0.05; "
-        f"policy {_policy_words(r['scale']['store_policy'])})",
+        f"policy {policy_words(r['scale']['store_policy'])})",
         f"  projected at COCO scale ({r['projected_coco']['image_hw'][1]}x{r['projected_coco']['image_hw'][0]}): "
         f"{r['projected_coco']['bytes_per_view'] / 1024:.1f} KB per image-view (goal <= 32 KB)",
         f"build throughput (medians of {len(r['throughput_rounds_image_views_per_s']['build'])} interleaved rounds) "

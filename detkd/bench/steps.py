@@ -34,7 +34,8 @@ def make_task(mode: str, scale, teacher, reader, method: str = "fitnet"):
     if mode == "student":
         return DetectionTask(student)
     source = OnlineTeacher(teacher) if mode == "online" else StoredTeacher(reader)
-    levels = common_levels(student, source)
+    # online and stored alike distill the levels the store holds: the same loss, with and without a teacher
+    levels = common_levels(student, source, [lv for lv in student.levels if lv in reader.manifest.levels])
     distiller = build_method(method, levels=levels, args={})
     return DistillationTask(student, methods={method: distiller}, weights={}, teacher=source, levels=list(levels))
 

@@ -124,6 +124,16 @@ def _weights(per_seed: list | None) -> str:
     return "; ".join(parts)
 
 
+def policy_words(policy: dict) -> str:
+    """A store policy in a few words: selector, dtype, ranks (and the budget that chose them), levels."""
+    words = f"{policy['name']} {policy.get('value_dtype')}"
+    if policy["name"] == "lowrank":
+        ranks = policy.get("level_rank") or {}
+        words += f" ranks {ranks}" if ranks else f" rank {policy['rank']}"
+        words += f", fitted to {policy['budget_kb']:g} KB" if policy.get("budget_kb") else ""
+    return words + (f", levels {policy['levels']}" if policy.get("levels") else "")
+
+
 def speed_table(payload: dict) -> str:
     """Markdown: the side-by-side ratios of ``detkd bench speed`` with the goals they answer to."""
     med, scale = payload["step_seconds_median"], payload["scale"]
@@ -173,8 +183,7 @@ def speed_table(payload: dict) -> str:
     ]
     lines = ["| figure | measured | goal |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     foot = (
-        f"Method `{scale['method']}`, store policy `{store['name']}` ({store.get('value_dtype')}"
-        f"{', rank ' + str(store['rank']) if store['name'] == 'lowrank' else ''}); "
+        f"Method `{scale['method']}`, store policy `{policy_words(store)}`; "
         f"{scale['images']} synthetic images at {scale['size']} px, batch {scale['batch_size']}, student FCOS "
         f"{scale['student']['backbone']}/FPN-{scale['student']['fpn_channels']}, teacher FCOS "
         f"{scale['teacher']['backbone']}/FPN-{scale['teacher']['fpn_channels']} (random weights), "

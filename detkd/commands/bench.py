@@ -27,6 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stored values (default int4; int2: lowrank only)",
     )
+    s.add_argument(
+        "--budget-kb",
+        type=float,
+        default=None,
+        help="lowrank store fitted to this many KB per image-view at COCO scale, as store build (default: none)",
+    )
+    s.add_argument(
+        "--levels", nargs="+", default=None, help="store and distill only these levels, e.g. p3 (default: all)"
+    )
     s.add_argument("--gpu", action="store_true", help="GPU scale on CUDA: R50/FPN-256 teacher, 800 px, batch 16, AMP")
     s.set_defaults(func=run_speed_cmd)
 
@@ -109,7 +118,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_speed_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from detkd.bench.speed import format_results, gpu_scale, run_speed, write_results
+    from detkd.bench.speed import format_results, gpu_scale, run_speed, store_policy_for, write_results
 
     extra = {"scale": gpu_scale(), "device": "cuda"} if args.gpu else {}
     results = run_speed(
@@ -118,8 +127,9 @@ def run_speed_cmd(args: argparse.Namespace) -> int:
         workers=args.workers,
         method=args.method,
         progress=not args.no_progress,
-        store_rank=args.rank,
-        store_value_dtype=args.value_dtype,
+        store_policy=store_policy_for(
+            args.method, rank=args.rank, value_dtype=args.value_dtype, budget_kb=args.budget_kb, levels=args.levels
+        ),
         **extra,
     )
     print(format_results(results))

@@ -149,7 +149,7 @@ def test_run_speed_figures_follow_from_its_measurements(tmp_path, caplog, capsys
 
     table = render(tmp_path / "speed.json")
     assert f"**{r['stored_over_student_step_ratio']:.2f}**" in table and "method `pkd`" not in table
-    assert "Method `pkd`, store policy `nms-ksd`" in table
+    assert "Method `pkd`, store policy `nms-ksd int4`" in table
     assert f"{r['projected_coco']['bytes_per_view'] / 1024:.1f} KB" in table
     assert f"| {r['method_over_student_compute_ratio']:.2f} ({cmed['stored']:.3f} s" in table
 
@@ -170,8 +170,32 @@ def test_each_method_gets_a_store_policy_it_can_read():
 def test_the_lowrank_store_measured_can_be_chosen():
     policy = store_policy_for("defeat", rank=5, value_dtype="int2")
     assert (policy.name, policy.rank, policy.value_dtype) == ("lowrank", 5, "int2")
-    with pytest.raises(ConfigError, match="a rank applies to lowrank stores"):
+    with pytest.raises(ConfigError, match="a rank or budget applies to lowrank stores"):
         store_policy_for("fitnet", rank=5)
     with pytest.raises(ConfigError, match="only lowrank coefficient maps"):
         store_policy_for("fitnet", value_dtype="int2")
     assert store_policy_for("fitnet", value_dtype="int8").value_dtype == "int8"
+
+
+def test_a_budget_and_levels_choose_the_store_measured():
+    policy = store_policy_for("defeat", budget_kb=32, levels=["p3"])
+    assert (policy.name, policy.budget_kb, policy.value_dtype, policy.levels) == ("lowrank", 32, "auto", ["p3"])
+    with pytest.raises(ConfigError, match="a rank or budget applies to lowrank stores"):
+        store_policy_for("fitnet", budget_kb=32)
+    with pytest.raises(ConfigError, match="chooses the ranks itself"):
+        store_policy_for("defeat", budget_kb=32, rank=4)
+
+
+def test_online_and_stored_steps_distill_the_levels_the_store_holds(tmp_path, tiny_source, spec_factory):
+    from detkd.bench.steps import make_task
+    from detkd.models.checkpoint import save_checkpoint
+    from detkd.store.reader import StoreReader
+    from tests.store.test_build import build
+
+    teacher = api.build_detector(spec_factory("fcos"))
+    save_checkpoint(tmp_path / "t.pt", teacher, class_names=tiny_source.class_names)
+    build(tmp_path, tiny_source, tmp_path / "t.pt", "s", policy=store_policy_for("defeat", rank=2, levels=["p3"]))
+    scale = SpeedScale(8, 64, 2, 1, 1, spec_factory("fcos"), spec_factory("fcos"))
+    for mode in ("online", "stored"):
+        task = make_task(mode, scale, teacher, StoreReader(tmp_path / "s"), "defeat")
+        assert task.levels == ["p3"] and list(task.methods["defeat"].levels) == ["p3"], mode
