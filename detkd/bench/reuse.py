@@ -4,8 +4,9 @@ A stored-knowledge benchmark compares new rows (students from a store) with rows
 already measured and committed: the student alone and the methods online, same teacher, same
 recipe, same seeds. Retraining those is hours on a CPU. ``--reuse`` takes them from the file
 instead, only after checking that they are comparable: same recipe and overrides (as the file
-records them, or read back from its command for files older than that field), every requested
-seed present, and the same teacher (its
+records them, or read back from its command for files older than that field; overrides of the
+``distill`` section alone, e.g. ``distill.levels``, still let the student row be reused, not the
+online ones), every requested seed present, and the same teacher (its
 sha256 when the file records one, else its recorded AP, which a retrained teacher reproduces
 only when training is bit-identical). The new results file names the source and its
 provenance, so a reader sees which rows were measured when.
@@ -40,6 +41,11 @@ def source_overrides(src: dict) -> list[str]:
     return [t for t in tokens if "=" in t and not t.startswith("-") and t.split("=")[0].split(".")[0] in sections]
 
 
+def student_overrides(overrides: list[str]) -> list[str]:
+    """The overrides a student-alone run sees: all but the ``distill`` section's, which only distillation reads."""
+    return [o for o in overrides if o.split("=")[0].split(".")[0] != "distill"]
+
+
 def teacher_identity(teacher: str | Path) -> tuple[str, float | None]:
     """(sha256, AP x100 as recorded in the checkpoint, rounded as results files round it)."""
     from detkd.models.checkpoint import read_checkpoint
@@ -68,8 +74,13 @@ def reused_results(
     src_recipe, src_overrides = src["recipe"], source_overrides(src)
     if Path(src_recipe).name != Path(recipe).name:
         raise ReuseError(f"{where}: measured with recipe {src_recipe}, this benchmark uses {recipe}")
-    if sorted(src_overrides) != sorted(overrides):
+    if sorted(student_overrides(src_overrides)) != sorted(student_overrides(overrides)):
         raise ReuseError(f"{where}: measured with overrides {src_overrides}, this benchmark uses {list(overrides)}")
+    same_distillation = sorted(src_overrides) == sorted(overrides)
+    if not same_distillation:
+        log.info(
+            "%s: distill overrides differ (%s vs %s): only the student row is reused", where, src_overrides, overrides
+        )
     missing = [s for s in seeds if s not in src["seeds"]]
     if missing:
         raise ReuseError(f"{where}: holds seeds {src['seeds']}, not {missing}")
@@ -99,7 +110,7 @@ def reused_results(
         return out
 
     results = {"student": runs(src["student"])}
-    for method in methods:
+    for method in methods if same_distillation else []:
         if method in src.get("methods", {}):
             results[f"{method} (online)"] = runs(src["methods"][method])
     source = {key: src.get(key) for key in ("command", "commit", "date", "machine")}

@@ -93,6 +93,16 @@ def test_overrides_recorded_or_read_back_from_the_command(tmp_path, teacher):
         reuse(source_file(tmp_path, overrides=["train.epochs=7"]), teacher)
 
 
+def test_distill_overrides_reuse_the_student_row_alone(tmp_path, teacher):
+    # distill.levels changes what distillation does, not the student alone: the online rows must be trained
+    p3 = ["train.epochs=6", "data.root=/d", "distill.levels=[p3]"]
+    results, source = reuse(source_file(tmp_path), teacher, overrides=p3)
+    assert sorted(results) == ["student"] == source["rows"]
+    assert [r["AP"] for r in results["student"]] == pytest.approx([0.046, 0.055])
+    with pytest.raises(ReuseError, match="measured with overrides"):
+        reuse(source_file(tmp_path), teacher, overrides=["train.epochs=7", "data.root=/d", "distill.levels=[p3]"])
+
+
 def test_refuses_a_file_that_is_not_an_accuracy_benchmark(tmp_path, teacher):
     (tmp_path / "x.json").write_text(json.dumps({"step_seconds_median": {}}))
     with pytest.raises(ReuseError, match="not a `detkd bench accuracy` results file"):
