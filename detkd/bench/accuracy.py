@@ -303,6 +303,7 @@ def store_summary(path: str) -> dict:
         **({"level_rank": info["policy"]["level_rank"]} if info["policy"].get("level_rank") else {}),
         **({"pool": info["policy"]["pool"]} if info["policy"].get("pool") else {}),
         **({"budget_kb": info["policy"]["budget_kb"]} if info["policy"].get("budget_kb") else {}),
+        **({"levels": info["policy"]["levels"]} if info["policy"].get("levels") else {}),
         "encoding": info["encoding"] or None,
         "importance": bool(info["preprocessing"].get("importance")),
         "bytes_per_view": round(info["bytes_per_image_view"], 1),

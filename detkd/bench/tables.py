@@ -81,12 +81,15 @@ def _store_lines(payload: dict) -> list[str]:
             )
         elif info.get("level_rank"):
             kind += " (" + ", ".join(f"{lv} {r}" for lv, r in info["level_rank"].items()) + ")"
+        if info.get("levels"):
+            kind += ", levels " + ", ".join(info["levels"]) + " only"
         if info.get("pool"):
             kind += ", pooled " + ", ".join(f"{lv} 1/{k}" for lv, k in info["pool"].items())
         extra = ", with GKD importance maps" if info.get("importance") else ""
         out.append(
             f"Store for {', '.join(specs)}: {kind} {info.get('value_dtype')}{extra}, {info['bytes_per_view']:.0f} B "
-            f"per image-view = {100 * info['ratio_to_dense']:.2f} % of the dense fp16 maps "
+            f"per image-view = {100 * info['ratio_to_dense']:.2f} % of the dense fp16 maps"
+            f"{' of those levels' if info.get('levels') else ''} "
             f"(projected at COCO scale: {info['projected_coco_bytes_per_view'] / 1024:.1f} KB per image-view)."
         )
     best = payload.get("best") or {}

@@ -99,6 +99,7 @@ def test_stored_rows_name_their_store_and_the_best_comparison(tmp_path, monkeypa
             "encoding": {"rank": 16},
             "importance": path == "s/imp",
             **({"budget_kb": 32.0, "level_rank": {"p3": 6, "p4": 5}} if path == "s/maps" else {}),
+            **({"levels": ["p3", "p4"]} if path == "s/maps" else {}),
             "bytes_per_view": 3000.0,
             "dense_fp16_bytes_per_view": 87296,
             "ratio_to_dense": 3000 / 87296,
@@ -139,7 +140,8 @@ def test_stored_rows_name_their_store_and_the_best_comparison(tmp_path, monkeypa
     table = render(tmp_path / "store.json")
     assert "| cwd (from the store) | 9.5, 9.6 | 9.6 | 0.1 | +5.0 | yes |" in table
     assert "Store for gkd: lowrank rank 16 int4, with GKD importance maps, 3000 B per image-view = 3.44 %" in table
-    assert "Store for cwd: lowrank fitted to 32 KB, ranks p3 6, p4 5 int4, 3000 B per image-view" in table
+    assert "Store for cwd: lowrank fitted to 32 KB, ranks p3 6, p4 5, levels p3, p4 only int4, 3000 B" in table
+    assert "3.44 % of the dense fp16 maps of those levels (projected" in table
     assert "(projected at COCO scale: 174.5 KB per image-view)" in table
     assert "gap 2.7, not within the larger seed spread" in table
     results["cwd (stored)"] = [{"AP": 0.13}, {"AP": 0.13}]  # 13.0: ahead of the best online (12.25)
