@@ -79,7 +79,7 @@ def reused_results(
     same_distillation = sorted(src_overrides) == sorted(overrides)
     if not same_distillation:
         log.info(
-            "%s: distill overrides differ (%s vs %s): only the student row is reused", where, src_overrides, overrides
+            "%s: distill overrides differ (%s, here %s): reusing the student row alone", where, src_overrides, overrides
         )
     missing = [s for s in seeds if s not in src["seeds"]]
     if missing:
