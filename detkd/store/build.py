@@ -176,8 +176,9 @@ def _build_locked(
     stored_views = [v for v in views if not (mirror_flips and v.flip)]
     bases, encoding = None, {}
     if policy.needs_basis(levels):
+        layout = {"strides": strides, "channels": channels, "importance": bool(importance)}
         bases, encoding, policy = _store_bases(
-            teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, bool(importance), progress
+            teacher, source, policy, stored_views, canvas, out_dir, batch_size, device, layout, progress
         )
         if policy.budget_kb is not None:  # the ranks and dtype a budget chose, checked as a given policy is above
             policy.check_channels(channels)
@@ -289,20 +290,15 @@ def teacher_moments(
     return fit_moments(feature_batches(), levels=levels)
 
 
-def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, importance, progress):
+def _store_bases(teacher, source, policy, views, canvas, out_dir: Path, batch_size, device, layout: dict, progress):
     """The store's fitted bases, the manifest's ``encoding`` and the policy with a byte budget's ranks
     filled in: read from ``bases.pt`` when an earlier run or another shard wrote it, else fitted on the
     first ``policy.fit_views`` image views of the whole data set (not of a shard: every shard fits the same
     bases, and the first to save them wins). A budget is resolved from the spectra ``bases.pt`` keeps, so
-    every shard and resumed run picks the same layout."""
-    stored = policy.stored_levels(teacher.levels)
-    levels = [lv for lv in stored if policy.selector_for(lv).needs_basis]
-    layout = {
-        "strides": {lv: teacher.strides[lv] for lv in stored},
-        "channels": {lv: teacher.channels[lv] for lv in stored},
-        "importance": importance,  # GKD maps count against the budget too
-        "where": str(out_dir),
-    }
+    every shard and resumed run picks the same layout. ``layout``: the stored levels' strides and channels,
+    and whether GKD importance maps are stored (they count against a budget too)."""
+    levels = [lv for lv in layout["strides"] if policy.selector_for(lv).needs_basis]
+    layout = {**layout, "where": str(out_dir)}
     chosen = None  # the budgeted policy this run resolved, if it fitted the bases
     if not (out_dir / BASES).is_file():
         fits = teacher_moments(teacher, source, views, canvas, policy.fit_views, levels, batch_size, device, progress)
